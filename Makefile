@@ -1,0 +1,31 @@
+# Two entry points: `make repro` (the pipeline on the embedded default) and `make test`.
+VENV   ?= .venv
+PYTHON ?= python3
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: install repro test bench clean-outputs
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+repro: $(STAMP)
+	dvc repro
+	@echo
+	dvc metrics show
+	@echo
+	@echo "Metrics: data/metrics/teacher.json (robust teacher), data/metrics/student.json (student, strategy from params.yaml)"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/salience_extraction.py
+
+clean-outputs:
+	rm -rf data/prepared data/teacher data/masks data/student data/metrics

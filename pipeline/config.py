@@ -1,0 +1,213 @@
+"""Typed configuration: `params.yaml` maps onto `Config`; unknown keys and bad values are rejected by name."""
+
+from __future__ import annotations
+
+import re
+from fractions import Fraction
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A parameter file that does not describe a valid run."""
+
+
+_RATIO = re.compile(r"^\s*([0-9.]+)\s*/\s*([0-9.]+)\s*$")
+
+
+def parse_budget(value: Any) -> float:
+    """Accept 0.03, "0.03" or "8/255" (the way papers write L-inf budgets)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a number or a ratio such as 8/255")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        m = _RATIO.match(value)
+        if m:
+            den = float(m.group(2))
+            if den == 0:
+                raise ValueError(f"division by zero in {value!r}")
+            return float(m.group(1)) / den
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise ValueError(f"expected a number or a ratio such as 8/255, got {value!r}")
+
+
+def format_budget(eps: float) -> str:
+    """Render a budget as n/255 when it is one (for metric keys and logs)."""
+    frac = Fraction(eps * 255).limit_denominator(1000)
+    if abs(float(frac) - eps * 255) < 1e-6:
+        return f"{frac}/255"
+    return f"{eps:.6g}"
+
+
+Budget = Annotated[float, BeforeValidator(parse_budget), Field(ge=0.0, le=1.0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class DataConfig(_Strict):
+    root: Optional[str] = Field(None, description="dataset root; ignored for the embedded `digits` default")
+    image_size: int = Field(16, ge=4, le=1024)
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    split_seed: int = 0
+    num_workers: int = Field(0, ge=0)
+    augment: bool = False
+    crop_padding: int = Field(2, ge=0)
+
+
+class AttackConfig(_Strict):
+    """Training-time L-inf PGD budget (also the teacher's)."""
+
+    eps: Budget = parse_budget("32/255")
+    step_size: Budget = parse_budget("8/255")
+    steps: int = Field(10, ge=1)
+    random_start: bool = True
+
+
+class ScheduleConfig(_Strict):
+    kind: Literal["none", "multistep", "step"] = "multistep"
+    milestones: list[int] = Field(default_factory=list)
+    step_every: int = Field(10, ge=1)
+    gamma: float = Field(0.1, gt=0.0, le=1.0)
+
+
+class OptimConfig(_Strict):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(0.01, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(5e-4, ge=0.0)
+    nesterov: bool = False
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    select: Literal["last", "clean", "robust"] = "last"
+    pretrained: bool = False
+
+
+class TeacherConfig(OptimConfig):
+    model: str = "smallcnn"
+    seed: int = 0  # separate from the student's seed: a seed grid must not retrain the teacher
+    select: Literal["last", "clean", "robust"] = "robust"
+
+
+class TradesConfig(_Strict):
+    beta: float = Field(6.0, ge=0.0)
+
+
+class FatConfig(_Strict):
+    tau: int = Field(0, ge=0)
+    dynamic_tau: bool = True
+    tau_milestones: list[int] = Field(default_factory=lambda: [30, 50, 70])
+
+
+class PartConfig(_Strict):
+    eps_low: Budget = parse_budget("28/255")
+    burn_in: int = Field(1, ge=0)
+    important_fraction: float = Field(0.5, gt=0.0, le=1.0)
+
+
+class StudentConfig(OptimConfig):
+    trades: TradesConfig = Field(default_factory=TradesConfig)
+    fat: FatConfig = Field(default_factory=FatConfig)
+    part: PartConfig = Field(default_factory=PartConfig)
+
+
+class SalienceConfig(_Strict):
+    fraction: float = Field(0.5, gt=0.0, le=1.0)
+    target: Literal["label", "predicted"] = "label"
+    batch_size: int = Field(256, ge=1)
+    chunk_size: int = Field(256, ge=1)
+
+
+class HumanMaskConfig(_Strict):
+    threshold: float = Field(0.5, gt=0.0, le=1.0)
+    missing: Literal["error", "empty"] = "error"
+
+
+class EvalConfig(_Strict):
+    eps: list[Budget] = Field(default_factory=lambda: [parse_budget(f"{k}/255") for k in (4, 8, 16, 32)])
+    n_examples: Optional[int] = Field(None, ge=1)
+    batch_size: int = Field(500, ge=1)
+    teacher_eps: Optional[list[Budget]] = None  # budgets for the teacher's evaluation; None: same as `eps`
+    version: Literal["standard"] = "standard"
+    ladder: bool = False
+    seed: int = 0  # picks the evaluated subset and seeds AutoAttack; the same for every student
+
+    @field_validator("eps", "teacher_eps")
+    @classmethod
+    def _nonempty_sorted(cls, v: Optional[list[float]]) -> Optional[list[float]]:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("at least one budget is needed")
+        return sorted(set(v))
+
+
+class Config(_Strict):
+    strategy: str = "sip_s"
+    dataset: str = "digits"
+    model: str = "smallcnn"
+    seed: int = 0
+    device: str = "auto"
+    data: DataConfig = Field(default_factory=DataConfig)
+    attack: AttackConfig = Field(default_factory=AttackConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    train: StudentConfig = Field(default_factory=StudentConfig)
+    salience: SalienceConfig = Field(default_factory=SalienceConfig)
+    human_masks: HumanMaskConfig = Field(default_factory=HumanMaskConfig)
+    evaluate: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _known_names(self) -> "Config":
+        # Registries are consulted lazily so that user plug-ins registered before loading are accepted.
+        from pipeline.data import DATASETS
+        from pipeline.models import MODELS
+        from pipeline.strategies import STRATEGIES
+
+        for key, name, reg in (
+            ("strategy", self.strategy, STRATEGIES),
+            ("dataset", self.dataset, DATASETS),
+            ("model", self.model, MODELS),
+            ("teacher.model", self.teacher.model, MODELS),
+        ):
+            if name not in reg:
+                raise ValueError(f"{key}: unknown name {name!r}; choose one of {sorted(reg.names())}")
+        return self
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid parameters in {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see params.yaml for the accepted keys)"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
+    try:
+        return Config.model_validate(raw or {})
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_config(path: str | Path = "params.yaml") -> Config:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"parameter file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return config_from_dict(raw or {}, str(path))

@@ -1,0 +1,190 @@
+"""Datasets: a registry of loaders whose items carry their sample index.
+
+Every item is `(image, label, index)`: `image` is float32 C×H×W in [0, 1] (normalisation, if any, lives
+inside the model so that attacks see [0, 1] inputs), and `index` is the item's position in its split. Masks
+are stored and read by that index, so it never depends on shuffling, batching or the validation split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pipeline.registry import Registry
+
+log = logging.getLogger(__name__)
+
+
+class DatasetError(RuntimeError):
+    """A dataset that is missing, incomplete or malformed; the message names the file or index."""
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Base class: subclasses set the attributes below and implement `_load(i) -> uint8 C×H×W tensor`."""
+
+    name: str = "dataset"
+    split: str = "train"
+    ids: list[str]
+    labels: np.ndarray
+    class_names: list[str]
+    image_size: int
+    channels: int = 3
+    mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+    std: tuple[float, ...] = (1.0, 1.0, 1.0)
+
+    _cache: Optional[torch.Tensor] = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.image_size, self.image_size)
+
+    def _load(self, i: int) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def image_uint8(self, i: int) -> torch.Tensor:
+        if self._cache is not None:
+            return self._cache[i]
+        return self._load(i)
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < len(self):
+            raise IndexError(f"{self.name}/{self.split}: index {i} out of range [0, {len(self)})")
+        return self.image_uint8(i).float().div_(255.0), int(self.labels[i]), i
+
+    def preload(self, limit_bytes: int = 2 << 30) -> bool:
+        """Decode every image once into one uint8 tensor (returns False when it would exceed `limit_bytes`)."""
+        if self._cache is not None:
+            return True
+        need = len(self) * int(np.prod(self.image_shape))
+        if need > limit_bytes:
+            return False
+        cache = torch.empty((len(self), *self.image_shape), dtype=torch.uint8)
+        for i in tqdm(range(len(self)), desc=f"decode {self.name}/{self.split}", unit="img", leave=False,
+                      disable=len(self) < 2000):
+            cache[i] = self._load(i)
+        self._cache = cache
+        return True
+
+    def fingerprint(self) -> str:
+        """Hash of the sample order (ids and labels) and geometry: what a mask store must match."""
+        h = hashlib.sha256()
+        h.update(f"{self.name}|{self.split}|{self.image_shape}|".encode())
+        for sid in self.ids:
+            h.update(sid.encode())
+            h.update(b"\0")
+        h.update(np.ascontiguousarray(self.labels, dtype=np.int64).tobytes())
+        return h.hexdigest()[:16]
+
+    # Human salience: datasets with annotations override these two.
+    has_segmentations: bool = False
+
+    def segmentation_path(self, i: int) -> Path:
+        raise DatasetError(f"dataset {self.name!r} has no human segmentations")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    factory: Callable[[Optional[str], str, int], ImageDataset]
+    description: str
+    default_root: Optional[str] = None
+
+
+DATASETS: Registry[DatasetSpec] = Registry("dataset")
+
+
+def load_dataset(name: str, root: Optional[str], split: str, image_size: int) -> ImageDataset:
+    """Instantiate a registered dataset (`split` is "train" or "test")."""
+    spec = DATASETS.get(name)
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    return spec.factory(root or spec.default_root, split, image_size)
+
+
+def train_val_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded, class-stratified split of training indices into (train, val), each sorted."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    val = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        k = int(round(len(idx) * val_fraction))
+        val.append(idx[:k])
+    val_idx = np.sort(np.concatenate(val)) if val else np.empty(0, dtype=np.int64)
+    train_idx = np.setdiff1d(np.arange(len(labels)), val_idx)
+    return train_idx.astype(np.int64), val_idx.astype(np.int64)
+
+
+class BatchIterator:
+    """Yields `(x, y, index)` batches of a subset of a dataset.
+
+    With the images preloaded it slices one uint8 tensor (no per-sample Python work); otherwise it uses a
+    DataLoader with workers and pinned memory. Either way `index` is the dataset index of each row.
+    """
+
+    def __init__(self, dataset: ImageDataset, indices: Sequence[int] | np.ndarray, batch_size: int, *,
+                 shuffle: bool, seed: int = 0, num_workers: int = 0, pin_memory: bool = False,
+                 drop_last: bool = False):
+        self.dataset = dataset
+        self.indices = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.drop_last = drop_last
+        self.epoch = 0
+        self.labels = torch.as_tensor(np.asarray(dataset.labels, dtype=np.int64))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _order(self) -> torch.Tensor:
+        if not self.shuffle:
+            return self.indices
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return self.indices[torch.randperm(len(self.indices), generator=g)]
+
+    def __len__(self) -> int:
+        n = len(self.indices)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        order = self._order()
+        batches = list(torch.split(order, self.batch_size))
+        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        cache = self.dataset._cache
+        if cache is not None:
+            for idx in batches:
+                x = cache[idx]
+                if self.pin_memory:
+                    x = x.pin_memory()
+                yield x.float().div_(255.0), self.labels[idx], idx
+            return
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=[b.tolist() for b in batches], num_workers=self.num_workers,
+            pin_memory=self.pin_memory, persistent_workers=False)
+        for x, y, idx in loader:
+            yield x, y, idx
+
+
+def _register_builtin() -> None:
+    from pipeline.data import cifar, cub, digits  # noqa: F401  (registration side effects)
+
+
+_register_builtin()

@@ -1,0 +1,121 @@
+"""CUB-200-2011 in its released layout (`images/`, the index files, and the separate `segmentations/`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from pipeline.data import DATASETS, DatasetError, DatasetSpec, ImageDataset
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+HOW_TO_GET = (
+    "CUB-200-2011 is not downloaded automatically. Get CUB_200_2011.tgz and segmentations.tgz from "
+    "https://www.vision.caltech.edu/datasets/cub_200_2011/ , extract both (segmentations/ may sit inside "
+    "CUB_200_2011/ or beside it) and set `data.root` in params.yaml to the CUB_200_2011 folder."
+)
+
+INDEX_FILES = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt")
+
+
+def _read_index(path: Path, ncols: int) -> list[list[str]]:
+    rows = []
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.split(maxsplit=ncols - 1)
+        if len(parts) != ncols:
+            raise DatasetError(f"{path}:{lineno}: expected {ncols} fields, got {line!r}")
+        rows.append(parts)
+    return rows
+
+
+def find_segmentations(root: Path) -> Optional[Path]:
+    for cand in (root / "segmentations", root.parent / "segmentations"):
+        if cand.is_dir():
+            return cand
+    return None
+
+
+def resize_uint8(img: Image.Image, size: int, mode: str) -> torch.Tensor:
+    """Resize a PIL image to size×size (bilinear) and return uint8 C×H×W."""
+    img = img.convert(mode).resize((size, size), Image.BILINEAR)
+    arr = np.asarray(img, dtype=np.uint8)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+class CUBDataset(ImageDataset):
+    name = "cub"
+    mean = IMAGENET_MEAN
+    std = IMAGENET_STD
+
+    def __init__(self, root: str | Path, split: str, image_size: int, *, name: str = "cub"):
+        self.name = name
+        self.split = split
+        self.image_size = image_size
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DatasetError(f"{self.name}: dataset root {self.root} does not exist. {HOW_TO_GET}")
+        missing = [f for f in INDEX_FILES if not (self.root / f).is_file()]
+        if missing:
+            raise DatasetError(f"{self.name}: {self.root} lacks {', '.join(missing)}. {HOW_TO_GET}")
+        if not (self.root / "images").is_dir():
+            raise DatasetError(f"{self.name}: {self.root / 'images'} does not exist. {HOW_TO_GET}")
+
+        images = {int(k): v for k, v in _read_index(self.root / "images.txt", 2)}
+        labels = {int(k): int(v) for k, v in _read_index(self.root / "image_class_labels.txt", 2)}
+        is_train = {int(k): v.strip() == "1" for k, v in _read_index(self.root / "train_test_split.txt", 2)}
+        classes = sorted((int(k), v) for k, v in _read_index(self.root / "classes.txt", 2))
+        for fname, table in (("image_class_labels.txt", labels), ("train_test_split.txt", is_train)):
+            lost = sorted(set(images) - set(table))
+            if lost:
+                raise DatasetError(f"{self.root / fname}: no entry for image id(s) {lost[:5]}")
+        want_train = split == "train"
+        keep = sorted(k for k in images if is_train[k] == want_train)
+        self.image_ids = keep
+        self.relpaths = [images[k] for k in keep]
+        self.ids = [f"{k}:{images[k]}" for k in keep]
+        class_ids = [c for c, _ in classes]
+        if class_ids != list(range(1, len(classes) + 1)):
+            raise DatasetError(f"{self.root / 'classes.txt'}: class ids must be 1..K without gaps")
+        self.class_names = [n for _, n in classes]
+        lab = np.array([labels[k] - 1 for k in keep], dtype=np.int64)
+        bad = np.flatnonzero((lab < 0) | (lab >= len(classes)))
+        if len(bad):
+            raise DatasetError(f"{self.root / 'image_class_labels.txt'}: label out of range for image id "
+                               f"{keep[bad[0]]}")
+        self.labels = lab
+        self.seg_root = find_segmentations(self.root)
+        self.has_segmentations = self.seg_root is not None
+
+    def _load(self, i: int) -> torch.Tensor:
+        path = self.root / "images" / self.relpaths[i]
+        try:
+            with Image.open(path) as img:
+                return resize_uint8(img, self.image_size, "RGB")  # a few CUB images are grayscale
+        except FileNotFoundError:
+            raise DatasetError(f"{self.name}/{self.split}[{i}]: image file missing: {path}") from None
+        except (UnidentifiedImageError, OSError) as err:
+            raise DatasetError(f"{self.name}/{self.split}[{i}]: cannot read image {path}: {err}") from None
+
+    def segmentation_path(self, i: int) -> Path:
+        if self.seg_root is None:
+            raise DatasetError(
+                f"{self.name}: no segmentations/ folder in {self.root} or {self.root.parent}. {HOW_TO_GET}")
+        return (self.seg_root / self.relpaths[i]).with_suffix(".png")
+
+
+def _cub(root: Optional[str], split: str, image_size: int) -> ImageDataset:
+    if root is None:
+        raise DatasetError(f"cub: `data.root` is not set. {HOW_TO_GET}")
+    return CUBDataset(root, split, image_size)
+
+
+DATASETS.register("cub")(DatasetSpec(_cub, "CUB-200-2011 (200 bird species) with human segmentations"))

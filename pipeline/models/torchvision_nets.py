@@ -1,0 +1,53 @@
+"""torchvision ResNet-50 and DenseNet-121, optionally from ImageNet weights already in the local torch cache."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torchvision.models as tvm
+
+from pipeline.models import MODELS, ModelSpec
+
+
+class PretrainedWeightsMissing(FileNotFoundError):
+    pass
+
+
+def cached_weights(weights: tvm.WeightsEnum) -> dict:
+    """Load ImageNet weights from the torch hub cache; never download (this may run offline)."""
+    fname = os.path.basename(weights.url)
+    path = Path(torch.hub.get_dir()) / "checkpoints" / fname
+    if not path.is_file():
+        raise PretrainedWeightsMissing(
+            f"pretrained weights {fname} are not in the local torch cache ({path}). Nothing is downloaded "
+            f"automatically: fetch {weights.url} on a machine with internet access and copy it to {path} "
+            f"(or set TORCH_HOME), or set pretrained: false.")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _resnet50(num_classes: int, pretrained: bool = False) -> nn.Module:
+    net = tvm.resnet50(weights=None)
+    if pretrained:
+        net.load_state_dict(cached_weights(tvm.ResNet50_Weights.IMAGENET1K_V1))
+    net.fc = nn.Linear(net.fc.in_features, num_classes)
+    return net
+
+
+def _densenet121(num_classes: int, pretrained: bool = False) -> nn.Module:
+    net = tvm.densenet121(weights=None)
+    if pretrained:
+        state = cached_weights(tvm.DenseNet121_Weights.IMAGENET1K_V1)
+        # The published file uses the pre-0.4 key names ("norm.1" instead of "norm1").
+        old = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+        state = {old.sub(r"\1\2", k): v for k, v in state.items()}
+        net.load_state_dict(state)
+    net.classifier = nn.Linear(net.classifier.in_features, num_classes)
+    return net
+
+
+MODELS.register("resnet50")(ModelSpec(_resnet50, "layer4", "torchvision ResNet-50"))
+MODELS.register("densenet121")(ModelSpec(_densenet121, "features", "torchvision DenseNet-121"))

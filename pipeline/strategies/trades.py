@@ -1,0 +1,31 @@
+"""`trades`: TRADES (Zhang et al. 2019): CE(f(x), y) + β·KL(f(x) ‖ f(x')), x' maximising the KL term."""
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.attacks import pgd
+from pipeline.strategies import STRATEGIES, Batch, Strategy
+
+
+def trades_kl(logits_adv, logits_clean):
+    """Batch-mean KL(softmax(clean) ‖ softmax(adv)), as in the reference implementation."""
+    return F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits_clean, dim=1), reduction="batchmean")
+
+
+@STRATEGIES.register("trades")
+class Trades(Strategy):
+    name = "trades"
+
+    def loss(self, model, batch: Batch):
+        a = self.attack
+        net = getattr(model, "module", model)
+        net.eval()  # the inner maximisation targets the eval-mode prediction, like the reference code
+        with torch.no_grad():
+            p_clean = F.softmax(net(batch.x), dim=1)
+        net.train()
+        kl_to_clean = lambda logits, _y: F.kl_div(F.log_softmax(logits, dim=1), p_clean, reduction="sum")  # noqa: E731
+        x_adv = pgd(model, batch.x, batch.y, eps=a.eps, step_size=a.step_size, steps=a.steps, init="normal",
+                    init_std=0.001, loss_fn=kl_to_clean)
+        logits_clean = model(batch.x)
+        logits_adv = model(x_adv)
+        return F.cross_entropy(logits_clean, batch.y) + self.params.trades.beta * trades_kl(logits_adv, logits_clean)

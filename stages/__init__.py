@@ -1,0 +1,1 @@
+"""DVC entry points: each parses params.yaml, calls the library, and writes its outputs."""
