@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from fractions import Fraction
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
@@ -40,9 +39,9 @@ def parse_budget(value: Any) -> float:
 
 def format_budget(eps: float) -> str:
     """Render a budget as n/255 when it is one (for metric keys and logs)."""
-    frac = Fraction(eps * 255).limit_denominator(1000)
-    if abs(float(frac) - eps * 255) < 1e-6:
-        return f"{frac}/255"
+    n = round(eps * 255)
+    if abs(n - eps * 255) < 1e-6:
+        return f"{n}/255"
     return f"{eps:.6g}"
 
 

@@ -68,6 +68,10 @@ def autoattack_robust(model: nn.Module, x: torch.Tensor, y: torch.Tensor, robust
                       on_attack: Optional[Callable[[str, int, int], None]] = None) -> tuple[torch.Tensor, dict]:
     """Run the cascade on the points flagged `robust`; returns the updated flags and points broken per attack."""
     robust = robust.clone()
+    if n_classes < 4 and "apgd-t" in attacks:
+        # AutoAttack's targeted DLR loss needs at least four classes.
+        log.warning("%d classes: skipping apgd-t (needs >= 4 classes)", n_classes)
+        attacks = tuple(a for a in attacks if a != "apgd-t")
     aa = _make_autoattack(model, eps, n_classes, device, seed)
     broken_by: dict[str, int] = {}
     rejected = 0

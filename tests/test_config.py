@@ -1,0 +1,61 @@
+import pytest
+
+from pipeline.config import ConfigError, config_from_dict, format_budget, load_config, parse_budget
+
+
+def test_repository_params_are_valid():
+    cfg = load_config("params.yaml")
+    assert cfg.dataset == "digits"
+    assert cfg.attack.eps == pytest.approx(32 / 255)
+    assert cfg.evaluate.eps == sorted(cfg.evaluate.eps)
+
+
+@pytest.mark.parametrize("raw, key", [
+    ({"strategi": "madry"}, "strategi"),
+    ({"attack": {"epsilon": 0.1}}, "attack.epsilon"),
+    ({"train": {"trades": {"betta": 1}}}, "train.trades.betta"),
+])
+def test_unknown_keys_are_rejected_by_name(raw, key):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(raw)
+    assert key in str(err.value)
+    assert "unknown key" in str(err.value)
+
+
+@pytest.mark.parametrize("raw, key", [
+    ({"attack": {"steps": 0}}, "attack.steps"),
+    ({"attack": {"eps": "8/0"}}, "attack.eps"),
+    ({"attack": {"eps": "lots"}}, "attack.eps"),
+    ({"train": {"select": "best"}}, "train.select"),
+    ({"evaluate": {"eps": []}}, "evaluate.eps"),
+    ({"data": {"val_fraction": 1.5}}, "data.val_fraction"),
+])
+def test_bad_values_are_rejected_by_name(raw, key):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(raw)
+    assert key in str(err.value)
+
+
+def test_unknown_registry_names_list_the_choices():
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"strategy": "sipp"})
+    assert "strategy" in str(err.value) and "sip_h" in str(err.value)
+    with pytest.raises(ConfigError, match="teacher.model"):
+        config_from_dict({"teacher": {"model": "vgg"}})
+
+
+def test_budgets_accept_fractions():
+    assert parse_budget("8/255") == pytest.approx(8 / 255)
+    assert parse_budget(0.5) == 0.5
+    assert format_budget(8 / 255) == "8/255"
+    cfg = config_from_dict({"evaluate": {"eps": ["8/255", "2/255", 0.0039215686]}})
+    assert [format_budget(e) for e in cfg.evaluate.eps] == ["1/255", "2/255", "8/255"]
+
+
+def test_missing_or_malformed_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "p.yaml"
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad)

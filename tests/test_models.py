@@ -1,0 +1,56 @@
+import pytest
+import torch
+
+from pipeline.models import MODELS, build_model, load_checkpoint, save_checkpoint
+from pipeline.models.torchvision_nets import PretrainedWeightsMissing
+
+
+@pytest.mark.parametrize("arch, size", [("smallcnn", 16), ("resnet18", 32), ("wrn34_10", 32),
+                                        ("resnet50", 32), ("densenet121", 32)])
+def test_every_model_builds_and_has_a_cam_layer(arch, size):
+    m = build_model(arch, 7).eval()
+    with torch.no_grad():
+        out = m(torch.rand(2, 3, size, size))
+    assert out.shape == (2, 7)
+    assert isinstance(m.cam_module(), torch.nn.Module)
+
+
+def test_registry_lists_the_paper_models():
+    assert {"smallcnn", "resnet18", "wrn34_10", "resnet50", "densenet121"} <= set(MODELS.names())
+
+
+def test_pretrained_weights_fail_clearly_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(PretrainedWeightsMissing) as err:
+        build_model("resnet50", 200, pretrained=True)
+    msg = str(err.value)
+    assert str(tmp_path) in msg and "download.pytorch.org" in msg and "pretrained: false" in msg
+    with pytest.raises(ValueError, match="pretrained"):
+        build_model("resnet18", 10, pretrained=True)
+
+
+def test_pretrained_weights_load_from_the_local_cache(tmp_path, monkeypatch):
+    import torchvision.models as tvm
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    ref = tvm.resnet50(weights=None)
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(ref.state_dict(), tmp_path / "hub" / "checkpoints" / "resnet50-0676ba61.pth")
+    m = build_model("resnet50", 5, pretrained=True)
+    assert torch.equal(m.net.conv1.weight, ref.conv1.weight)
+    assert m.net.fc.out_features == 5
+
+
+def test_checkpoint_round_trip_with_weights_only(tmp_path):
+    m = build_model("smallcnn", 10, mean=(0.1, 0.2, 0.3), std=(0.5, 0.5, 0.5))
+    meta = {"arch": "smallcnn", "num_classes": 10, "mean": [0.1, 0.2, 0.3], "std": [0.5, 0.5, 0.5],
+            "image_shape": [3, 16, 16], "params": {"eps": 0.1}}
+    save_checkpoint(tmp_path / "m.pt", m, meta)
+    blob = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert blob["meta"]["params"]["eps"] == 0.1
+    m2, meta2 = load_checkpoint(tmp_path / "m.pt")
+    x = torch.rand(3, 3, 16, 16)
+    m.eval()
+    assert torch.allclose(m(x), m2(x))
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        load_checkpoint(tmp_path / "nope.pt")
