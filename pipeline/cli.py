@@ -1,0 +1,290 @@
+"""`sipat`: command-line tools around the pipeline; they call the same library functions as the DVC stages."""
+
+from __future__ import annotations
+
+import contextlib
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Iterator, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+app = typer.Typer(rich_markup_mode="rich", no_args_is_help=True,
+                  help="[bold]SIP-AT[/bold]: salient information preserving adversarial training.")
+console = Console()
+err_console = Console(stderr=True)
+
+
+@contextlib.contextmanager
+def _errors() -> Iterator[None]:
+    """Turn the library's expected failures into one red line and exit code 1 (no traceback)."""
+    from pipeline.config import ConfigError
+    from pipeline.data import DatasetError
+    from pipeline.maskstore import MaskStoreError
+
+    try:
+        yield
+    except (typer.Exit, typer.Abort, typer.BadParameter):
+        raise
+    except (ConfigError, DatasetError, MaskStoreError, FileNotFoundError, ValueError, KeyError,
+            RuntimeError) as err:
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        err_console.print(f"[bold red]error:[/bold red] {escape(str(msg))}", soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+# ================================================================================================ masks
+
+masks_app = typer.Typer(rich_markup_mode="rich", no_args_is_help=True,
+                        help="Salience mask stores: create ([green]synthetic[/green], [green]human[/green]), "
+                             "[green]inspect[/green] and [green]show[/green] them.")
+app.add_typer(masks_app, name="masks")
+
+
+class TargetChoice(str, Enum):
+    label = "label"
+    predicted = "predicted"
+
+
+class MissingChoice(str, Enum):
+    error = "error"
+    empty = "empty"
+
+
+def _check_unit(value: Optional[float], name: str) -> None:
+    if value is not None and not 0.0 < value <= 1.0:
+        raise typer.BadParameter(f"must be in (0, 1], got {value}", param_hint=name)
+
+
+def _load_params(params: Path):
+    from pipeline.config import load_config
+
+    return load_config(params)
+
+
+def _print_written(out: Path, attrs: dict[str, Any]) -> None:
+    cov = attrs.get("coverage", {})
+    counts = ", ".join(f"{k} {v}" for k, v in attrs.get("counts", {}).items())
+    console.print(f"[green]wrote[/green] {escape(str(out))}: {attrs['n']} {attrs['kind']} masks of "
+                  f"{'×'.join(map(str, attrs['image_shape']))}, salient fraction mean {cov.get('mean', 0):.3f} "
+                  f"(p5 {cov.get('p5', 0):.3f}, p95 {cov.get('p95', 0):.3f})" + (f"; {counts}" if counts else ""),
+                  soft_wrap=True)
+
+
+@masks_app.command("synthetic")
+def masks_synthetic(
+    checkpoint: Annotated[Path, typer.Option(help="robust teacher checkpoint")] = Path("data/teacher/model.pt"),
+    params: Annotated[Path, typer.Option(help="parameter file: dataset, data root, image size, salience")]
+    = Path("params.yaml"),
+    out: Annotated[Path, typer.Option(help="store to write (replaced atomically)")]
+    = Path("data/masks/synthetic.zarr"),
+    fraction: Annotated[Optional[float], typer.Option(help="share of the total |gradient| the mask must hold "
+                                                           "[dim](default: salience.fraction)[/dim]")] = None,
+    target: Annotated[Optional[TargetChoice], typer.Option(help="class whose loss is differentiated "
+                                                                "[dim](default: salience.target)[/dim]")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N [dim](default: device)"
+                                                       "[/dim]")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="[dim](default: salience.batch_size)[/dim]")]
+    = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+) -> None:
+    """Synthetic masks (SIP-S, eq. 7–8) of the training split from a teacher checkpoint."""
+    from pipeline.data import load_dataset
+    from pipeline.salience import extract_synthetic
+
+    _check_unit(fraction, "--fraction")
+    with _errors():
+        cfg = _load_params(params)
+        sal = cfg.salience
+        dataset = load_dataset(cfg.dataset, cfg.data.root, "train", cfg.data.image_size)
+        attrs = extract_synthetic(
+            checkpoint, dataset, out, root=cfg.data.root,
+            fraction=fraction if fraction is not None else sal.fraction,
+            target=target.value if target is not None else sal.target,
+            batch_size=batch_size or sal.batch_size, chunk_size=sal.chunk_size, device=device or cfg.device,
+            num_workers=cfg.data.num_workers, progress=not quiet)
+    _print_written(out, attrs)
+
+
+@masks_app.command("human")
+def masks_human(
+    root: Annotated[Path, typer.Option(help="CUB_200_2011 folder (with [bold]segmentations/[/bold] inside or "
+                                            "beside it)")],
+    out: Annotated[Path, typer.Option(help="store to write (replaced atomically)")] = Path("data/masks/human.zarr"),
+    image_size: Annotated[Optional[int], typer.Option(min=4, help="must match training "
+                                                                  "[dim](default: data.image_size)[/dim]")] = None,
+    threshold: Annotated[Optional[float], typer.Option(help="salient where value >= threshold × image maximum "
+                                                            "[dim](default: human_masks.threshold)[/dim]")] = None,
+    missing: Annotated[Optional[MissingChoice], typer.Option(help="missing/unreadable segmentations: error, or "
+                                                                  "empty masks [dim](default: human_masks.missing)"
+                                                                  "[/dim]")] = None,
+    dataset: Annotated[str, typer.Option(help="dataset name the store is for: [bold]cub[/bold], or "
+                                              "[bold]digits[/bold] for the embedded default")] = "cub",
+    params: Annotated[Path, typer.Option(help="where defaults come from, when the file exists")]
+    = Path("params.yaml"),
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+) -> None:
+    """Human masks (SIP-H) of the training split from CUB segmentations."""
+    from pipeline.config import HumanMaskConfig
+    from pipeline.data import load_dataset
+    from pipeline.salience import extract_human
+
+    _check_unit(threshold, "--threshold")
+    with _errors():
+        defaults, size = HumanMaskConfig(), image_size
+        chunk_size = batch_size = 256
+        if params.exists():
+            cfg = _load_params(params)
+            defaults, chunk_size, batch_size = cfg.human_masks, cfg.salience.chunk_size, cfg.salience.batch_size
+            size = size or cfg.data.image_size
+        if size is None:
+            raise typer.BadParameter(f"no --image-size given and {params} does not exist", param_hint="--image-size")
+        ds = load_dataset(dataset, str(root), "train", size)
+        attrs = extract_human(ds, out, root=root,
+                              threshold=threshold if threshold is not None else defaults.threshold,
+                              missing=missing.value if missing is not None else defaults.missing,
+                              chunk_size=chunk_size, batch_size=batch_size, progress=not quiet)
+    _print_written(out, attrs)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_fmt(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return "×".join(map(str, value))
+    return str(value)
+
+
+@masks_app.command("inspect")
+def masks_inspect(store: Annotated[Path, typer.Argument(help="a mask store (.zarr folder)")]) -> None:
+    """Shape, provenance and coverage of a mask store."""
+    from pipeline.maskstore import read_store_attrs, store_disk_bytes
+
+    with _errors():
+        attrs, packed_shape = read_store_attrs(store)
+    n, shape = attrs.get("n", 0), attrs.get("image_shape", [])
+    elements = n * (shape[0] * shape[1] * shape[2] if len(shape) == 3 else 0)
+    disk = store_disk_bytes(store)
+    table = Table(title=f"mask store {escape(str(store))}", show_header=False, title_justify="left")
+    table.add_column("field", style="bold cyan", no_wrap=True)
+    table.add_column("value")
+    available = attrs.get("available", True)
+    table.add_row("kind", str(attrs.get("kind")))
+    table.add_row("available", "yes" if available else f"[red]no[/red]: {escape(str(attrs.get('reason')))}")
+    table.add_row("masks", f"{n} × {_fmt(shape)}  (packed {_fmt(list(packed_shape))} uint8)")
+    table.add_row("on disk", f"{disk / 1e6:.2f} MB" + (f", {8 * disk / elements:.3f} bits/element" if elements
+                                                        else ""))
+    table.add_row("dataset", f"{attrs.get('dataset')} / {attrs.get('split')}  root {attrs.get('root')}  "
+                             f"image size {attrs.get('image_size')}")
+    table.add_row("fingerprint", str(attrs.get("fingerprint")))
+    table.add_row("rule", escape(str(attrs.get("rule", ""))))
+    table.add_row("params", _fmt(attrs.get("params", {})))
+    if "teacher" in attrs:
+        table.add_row("teacher", _fmt(attrs["teacher"]))
+    if "segmentations" in attrs:
+        table.add_row("segmentations", str(attrs["segmentations"]))
+    cov = attrs.get("coverage", {})
+    if cov.get("n"):
+        table.add_row("salient fraction", "  ".join(f"{k} {cov[k]:.3f}" for k in
+                                                    ("mean", "min", "p5", "p25", "p50", "p75", "p95", "max")
+                                                    if k in cov))
+        table.add_row("empty masks", str(cov.get("empty", 0)))
+    if attrs.get("counts"):
+        table.add_row("counts", _fmt(attrs["counts"]))
+    table.add_row("created", f"{attrs.get('created')}  ({attrs.get('format')})")
+    console.print(table)
+
+
+def _reload_dataset(store: Path, attrs: dict[str, Any], root: Optional[Path]):
+    from pipeline.data import DatasetError, load_dataset
+
+    try:
+        return load_dataset(attrs["dataset"], str(root) if root else attrs.get("root"), attrs["split"],
+                            int(attrs["image_size"]))
+    except (DatasetError, KeyError) as err:
+        raise DatasetError(f"cannot reload the images of {store}: {err.args[0] if err.args else err} "
+                           f"(pass --root to point at the dataset)") from None
+
+
+def render_mask_grid(images, rows: list[tuple[str, Any]], titles: list[str], out: Path, suptitle: str) -> None:
+    """PNG: a row of images, then one row per mask set with the mask overlaid in red (Agg, no pyplot state).
+
+    `images` is float [n, C, H, W] in [0, 1]; each mask set is bool [n, C, H, W]; where only some channels are
+    salient the overlay is fainter.
+    """
+    import matplotlib
+    import numpy as np
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from pipeline.utils import atomic_path
+
+    n = images.shape[0]
+    nrows = 1 + len(rows)
+    fig = Figure(figsize=(1.7 * n + 0.6, 1.75 * nrows + 0.5), layout="constrained")
+    axes = fig.subplots(nrows, n, squeeze=False)
+    pics = images.permute(0, 2, 3, 1).clamp(0, 1).numpy()
+    if pics.shape[-1] == 1:
+        pics = pics.repeat(3, axis=-1)
+    for j in range(n):
+        axes[0, j].imshow(pics[j], interpolation="nearest")
+        axes[0, j].set_title(titles[j], fontsize=8)
+        for r, (_, masks) in enumerate(rows, start=1):
+            share = masks[j].float().mean(0).numpy()  # fraction of channels marked salient
+            overlay = np.zeros((*share.shape, 4), dtype=np.float32)
+            overlay[..., 0] = 1.0
+            overlay[..., 3] = 0.6 * share
+            axes[r, j].imshow(pics[j] * 0.8, interpolation="nearest")
+            axes[r, j].imshow(overlay, interpolation="nearest")
+    for r, label in enumerate(["image"] + [name for name, _ in rows]):
+        axes[r, 0].set_ylabel(label, fontsize=9)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(suptitle, fontsize=9)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+
+
+@masks_app.command("show")
+def masks_show(
+    store: Annotated[Path, typer.Argument(help="a mask store (.zarr folder)")],
+    other: Annotated[Optional[Path], typer.Option(help="a second store of the same dataset, shown below "
+                                                       "(e.g. human next to synthetic)")] = None,
+    out: Annotated[Path, typer.Option(help="PNG to write")] = Path("masks.png"),
+    n: Annotated[int, typer.Option(min=1, max=64, help="number of images")] = 8,
+    seed: Annotated[int, typer.Option(help="which images (a seeded random choice)")] = 0,
+    root: Annotated[Optional[Path], typer.Option(help="dataset root, if it moved since the store was made")]
+    = None,
+) -> None:
+    """A PNG grid of images with their masks overlaid (cf. the paper's Figures 2 and 4)."""
+    import torch
+
+    from pipeline.maskstore import MaskStore, MaskStoreError, read_store_attrs
+
+    with _errors():
+        attrs, _ = read_store_attrs(store)
+        if attrs.get("available") is False:
+            raise MaskStoreError(f"mask store {store} holds no masks: {attrs.get('reason')}")
+        dataset = _reload_dataset(store, attrs, root)
+        stores = [MaskStore.open(store, dataset=dataset)]
+        if other is not None:
+            stores.append(MaskStore.open(other, dataset=dataset))
+        k = min(n, len(dataset))
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(len(dataset), generator=g)[:k].sort().values
+        images = torch.stack([dataset[int(i)][0] for i in idx])  # k <= 64 decodes: not a hot path
+        names = getattr(dataset, "class_names", [])
+        titles = [f"#{int(i)} {names[dataset.labels[int(i)]][:14] if names else ''}" for i in idx]
+        rows = [(f"{s.kind} mask", s.masks(idx).cpu()) for s in stores]
+        render_mask_grid(images, rows, titles, out,
+                         f"{attrs['dataset']} / {attrs['split']} at {attrs['image_size']}px: "
+                         + " vs ".join(f"{s.kind} ({s.attrs.get('coverage', {}).get('mean', 0):.0%} salient)"
+                                       for s in stores))
+    console.print(f"[green]wrote[/green] {escape(str(out))} ({k} images, {len(stores)} mask set(s))", soft_wrap=True)

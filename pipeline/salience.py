@@ -1,0 +1,307 @@
+"""Salience masks: synthetic (SIP-S, the paper's eq. 7–8, from a robust teacher) and human (SIP-H, from CUB
+segmentations), computed for a whole dataset split and written to a mask store (`pipeline.maskstore`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterator, Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+from pipeline.data import BatchIterator, DatasetError, ImageDataset
+from pipeline.data.cub import resize_uint8
+from pipeline.maskstore import write_mask_store, write_unavailable_store
+from pipeline.utils import resolve_device, sha256_file
+
+log = logging.getLogger(__name__)
+
+Target = Literal["label", "predicted"]
+Missing = Literal["error", "empty"]
+
+SYNTHETIC_RULE = ("eq. 7-8: per image, the smallest set of C×H×W elements whose |d CE(teacher(x), target) / dx| "
+                  "sums to at least `fraction` of the image's total; ties to the earlier flat index")
+HUMAN_RULE = ("segmentation PNG resized like its image (bilinear, to image_size²), salient where value >= "
+              "threshold × the image's maximum; one channel broadcast over C")
+
+
+# ----------------------------------------------------------------------------------------------- synthetic
+
+def salient_set(scores: torch.Tensor, fraction: float) -> tuple[torch.Tensor, int]:
+    """Eq. 7–8 per sample: bool mask of the smallest set of elements whose |score| sum reaches `fraction` of the
+    sample's total |score|.
+
+    `scores` is [B, ...]; the mask has the same shape. Ties are broken by a stable sort, so among equal
+    magnitudes the earlier flat index is taken first. A sample whose scores are all zero gets an empty mask and
+    is counted in the returned `n_zero`. Non-finite scores raise ValueError.
+    """
+    mask, zero, bad = salient_set_async(scores, fraction)
+    n_zero, n_bad = torch.stack([zero.sum(), bad.sum()]).tolist()
+    if n_bad:
+        raise ValueError(f"{n_bad} of {scores.shape[0]} samples have non-finite scores (NaN or inf gradients)")
+    return mask, int(n_zero)
+
+
+def salient_set_async(scores: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`salient_set` without a host synchronisation: returns (mask, all-zero rows, non-finite rows), the last two
+    as bool [B] tensors on the scores' device, for the caller to check when it next synchronises anyway."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    b = scores.shape[0]
+    flat = scores.detach().reshape(b, -1).abs()
+    vals, order = torch.sort(flat, dim=1, descending=True, stable=True)
+    # float64 prefix sums: the cut must not move with the rounding of long float32 sums.
+    cum = vals.cumsum(1, dtype=torch.float64)
+    total = cum[:, -1:]
+    # An element (in sorted order) is salient iff the mass before it still falls short of the goal: exactly the
+    # shortest prefix that reaches fraction·total, and nothing for an all-zero row (0 < 0 is false).
+    before = F.pad(cum[:, :-1], (1, 0))
+    keep = before < fraction * total
+    mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, order, keep)
+    total = total.squeeze(1)
+    return mask.view(scores.shape), total <= 0, ~torch.isfinite(total)
+
+
+def input_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: Target = "label") -> torch.Tensor:
+    """∂ CE(model(x), t) / ∂x per sample, t the true label or the predicted class; model weights get no grads."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = model(x)
+        t = y if target == "label" else logits.argmax(1)
+        # Summed, not averaged: each sample's gradient is then independent of the batch size.
+        loss = F.cross_entropy(logits.float(), t, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, x)
+    return grad
+
+
+class SyntheticMasks:
+    """Iterable of `(start, masks)` over a dataset in index order; `masks` bool [B, C, H, W] on the device.
+
+    `stats["zero_gradient"]` counts images whose gradient was all zero (they get empty masks).
+    """
+
+    def __init__(self, model: nn.Module, dataset: ImageDataset, *, fraction: float, target: Target,
+                 batch_size: int, device: torch.device, num_workers: int = 0, progress: bool = True):
+        if target not in ("label", "predicted"):
+            raise ValueError(f"target must be 'label' or 'predicted', got {target!r}")
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        self.model, self.dataset = model, dataset
+        self.fraction, self.target, self.batch_size = fraction, target, batch_size
+        self.device, self.num_workers, self.progress = device, num_workers, progress
+        self.stats: dict[str, int] = {"zero_gradient": 0}
+
+    def _to_device(self, batch):
+        if batch is None:
+            return None
+        x, y, idx = batch
+        if self.device.type == "cuda":  # a pageable copy would block the host until the device caught up
+            x, y = x.pin_memory(), y.pin_memory()
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), idx
+
+    def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:
+        n = len(self.dataset)
+        # BatchIterator would pin its uint8 batch and then convert it; `_to_device` pins the float batch instead.
+        batches = BatchIterator(self.dataset, np.arange(n), self.batch_size, shuffle=False,
+                                num_workers=self.num_workers)
+        was_training = self.model.training
+        self.model.eval()
+        # Counted on the device (all-zero, non-finite): a per-batch host sync would stall it between batches.
+        flags = torch.zeros(2, dtype=torch.long, device=self.device)
+        bar = tqdm(total=n, desc="synthetic masks", unit="img", disable=not self.progress, leave=False)
+        it = iter(batches)
+        try:
+            current = self._to_device(next(it, None))
+            while current is not None:
+                x, y, idx = current
+                grad = input_gradients(self.model, x, y, self.target)
+                mask, zero, nonfinite = salient_set_async(grad, self.fraction)
+                flags += torch.stack([zero, nonfinite]).sum(1)
+                # Fetch the next batch while the device works on this one.
+                current = self._to_device(next(it, None))
+                bar.update(len(idx))
+                yield int(idx[0]), mask
+        finally:
+            bar.close()
+            self.model.train(was_training)
+        n_zero, n_bad = flags.tolist()
+        self.stats["zero_gradient"] = n_zero
+        if n_bad:
+            raise ValueError(f"{n_bad} of {n} images have a non-finite input gradient (NaN or inf): is the "
+                             f"teacher checkpoint broken?")
+        if self.stats["zero_gradient"]:
+            log.warning("%d of %d images had an all-zero input gradient (a saturated teacher?); their masks are "
+                        "empty", self.stats["zero_gradient"], n)
+
+
+def synthetic_masks(model: nn.Module, dataset: ImageDataset, *, fraction: float = 0.5, target: Target = "label",
+                    batch_size: int = 256, device: torch.device | str = "cpu", num_workers: int = 0,
+                    progress: bool = True) -> SyntheticMasks:
+    """Eq. 7–8 masks of every item of `dataset` from `model` (in eval mode), in batches on `device`."""
+    return SyntheticMasks(model, dataset, fraction=fraction, target=target, batch_size=batch_size,
+                          device=torch.device(device), num_workers=num_workers, progress=progress)
+
+
+# ----------------------------------------------------------------------------------------------- human
+
+def binarise(segmentations: torch.Tensor, threshold: float) -> torch.Tensor:
+    """uint8 [B, 1, H, W] -> bool: value >= threshold × the image's maximum; an all-zero image -> empty."""
+    seg = segmentations.float()
+    peak = seg.amax(dim=(1, 2, 3), keepdim=True)
+    return (seg >= threshold * peak) & (peak > 0)
+
+
+class HumanMasks:
+    """Iterable of `(start, masks)` from a dataset's segmentations; `masks` bool [B, C, H, W] on the CPU.
+
+    `stats` counts segmentations that were missing or unreadable (only non-zero with missing="empty").
+    """
+
+    def __init__(self, dataset: ImageDataset, *, threshold: float, missing: Missing, batch_size: int,
+                 workers: int, progress: bool):
+        if not dataset.has_segmentations:
+            raise DatasetError(f"dataset {dataset.name!r} ({dataset.split}) has no human segmentations")
+        if not 0.0 < threshold <= 1.0:
+            raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+        if missing not in ("error", "empty"):
+            raise ValueError(f"missing must be 'error' or 'empty', got {missing!r}")
+        self.dataset, self.threshold, self.missing = dataset, threshold, missing
+        self.batch_size, self.workers, self.progress = batch_size, workers, progress
+        self.stats: dict[str, int] = {"missing_segmentations": 0, "unreadable_segmentations": 0}
+
+    def _check_present(self) -> None:
+        # Stat every file up front so that a missing one fails before any decoding, naming all of them.
+        absent = [p for p in (self.dataset.segmentation_path(i) for i in range(len(self.dataset)))
+                  if not p.is_file()]
+        self.stats["missing_segmentations"] = len(absent)
+        if absent and self.missing == "error":
+            shown = "\n  ".join(str(p) for p in absent[:10])
+            more = f"\n  ... and {len(absent) - 10} more" if len(absent) > 10 else ""
+            raise DatasetError(f"{len(absent)} of {len(self.dataset)} segmentation file(s) missing for "
+                               f"{self.dataset.name}/{self.dataset.split}:\n  {shown}{more}\n(set "
+                               f"human_masks.missing: empty to leave their masks empty instead)")
+        if absent:
+            log.warning("%d segmentation file(s) missing; their masks are left empty (first: %s)",
+                        len(absent), absent[0])
+
+    def _read(self, i: int) -> tuple[Optional[torch.Tensor], Optional[str]]:
+        path = self.dataset.segmentation_path(i)
+        try:
+            with Image.open(path) as img:
+                return resize_uint8(img, self.dataset.image_size, "L"), None
+        except FileNotFoundError:
+            return None, None  # already counted as missing
+        except (UnidentifiedImageError, OSError, ValueError) as err:
+            return None, f"{path}: {err}"
+
+    def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:
+        self._check_present()
+        ds = self.dataset
+        n = len(ds)
+        c, h, w = ds.image_shape
+        unreadable: list[str] = []
+        bar = tqdm(total=n, desc="human masks", unit="img", disable=not self.progress, leave=False)
+        # PNG decoding releases the GIL, so threads overlap the per-file work.
+        with ThreadPoolExecutor(max_workers=max(1, self.workers)) as pool:
+            try:
+                for start in range(0, n, self.batch_size):
+                    stop = min(n, start + self.batch_size)
+                    seg = torch.zeros((stop - start, 1, h, w), dtype=torch.uint8)
+                    for j, (img, err) in enumerate(pool.map(self._read, range(start, stop))):
+                        if img is not None:
+                            seg[j] = img
+                        elif err is not None:
+                            unreadable.append(err)
+                    bar.update(stop - start)
+                    yield start, binarise(seg, self.threshold).expand(-1, c, -1, -1)
+            finally:
+                bar.close()
+        self.stats["unreadable_segmentations"] = len(unreadable)
+        if unreadable and self.missing == "error":
+            shown = "\n  ".join(unreadable[:10])
+            more = f"\n  ... and {len(unreadable) - 10} more" if len(unreadable) > 10 else ""
+            raise DatasetError(f"{len(unreadable)} segmentation file(s) unreadable:\n  {shown}{more}")
+        if unreadable:
+            log.warning("%d segmentation file(s) unreadable; their masks are left empty (first: %s)",
+                        len(unreadable), unreadable[0])
+
+
+def human_masks(dataset: ImageDataset, *, threshold: float = 0.5, missing: Missing = "error",
+                batch_size: int = 256, workers: Optional[int] = None, progress: bool = True) -> HumanMasks:
+    """Masks of every item of `dataset` from its segmentation PNGs (see `HUMAN_RULE`)."""
+    return HumanMasks(dataset, threshold=threshold, missing=missing, batch_size=batch_size,
+                      workers=workers if workers is not None else min(8, os.cpu_count() or 1), progress=progress)
+
+
+# ----------------------------------------------------------------------------------------------- stores
+
+def dataset_attrs(dataset: ImageDataset, root: Optional[str | Path] = None) -> dict[str, Any]:
+    """What a store records about its dataset: enough to reload its images and to refuse another dataset."""
+    root = root if root is not None else getattr(dataset, "root", None)
+    return {"dataset": dataset.name, "split": dataset.split, "root": None if root is None else str(root),
+            "image_size": int(dataset.image_size), "image_shape": list(dataset.image_shape), "n": len(dataset),
+            "num_classes": int(dataset.num_classes), "fingerprint": dataset.fingerprint()}
+
+
+def extract_synthetic(checkpoint: str | Path, dataset: ImageDataset, out: str | Path, *,
+                      root: Optional[str | Path] = None, fraction: float = 0.5, target: Target = "label",
+                      batch_size: int = 256, chunk_size: int = 256, device: str | torch.device = "auto",
+                      num_workers: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Synthetic masks of `dataset` from the teacher at `checkpoint`, written to a new store at `out`."""
+    from pipeline.models import load_checkpoint
+
+    device = resolve_device(device) if isinstance(device, str) else device
+    checkpoint = Path(checkpoint)
+    model, meta = load_checkpoint(checkpoint, device)
+    if meta.get("num_classes") not in (None, dataset.num_classes):
+        raise DatasetError(f"teacher {checkpoint} has {meta['num_classes']} classes but dataset {dataset.name!r} "
+                           f"has {dataset.num_classes}: was it trained on another dataset?")
+    if meta.get("image_shape") not in (None, list(dataset.image_shape)):
+        raise DatasetError(f"teacher {checkpoint} was trained on {meta['image_shape']} images but the dataset "
+                           f"gives {list(dataset.image_shape)}: check data.image_size")
+    if meta.get("dataset_fingerprint") not in (None, dataset.fingerprint()):
+        log.warning("teacher %s was trained on %s (fingerprint %s), not on this %s/%s (%s)", checkpoint,
+                    meta.get("dataset"), meta["dataset_fingerprint"], dataset.name, dataset.split,
+                    dataset.fingerprint())
+    attrs = {
+        "kind": "synthetic",
+        **dataset_attrs(dataset, root),
+        "rule": SYNTHETIC_RULE,
+        "params": {"fraction": fraction, "target": target, "loss": "cross_entropy"},
+        "teacher": {"checkpoint": str(checkpoint), "sha256": sha256_file(checkpoint),
+                    "arch": meta.get("arch"), "dataset": meta.get("dataset"),
+                    "dataset_fingerprint": meta.get("dataset_fingerprint")},
+    }
+    masks = synthetic_masks(model, dataset, fraction=fraction, target=target, batch_size=batch_size,
+                            device=device, num_workers=num_workers, progress=progress)
+    return write_mask_store(out, masks, n=len(dataset), shape=dataset.image_shape, attrs=attrs,
+                            chunk_size=chunk_size)
+
+
+def extract_human(dataset: ImageDataset, out: str | Path, *, root: Optional[str | Path] = None,
+                  threshold: float = 0.5, missing: Missing = "error", chunk_size: int = 256,
+                  batch_size: int = 256, progress: bool = True) -> dict[str, Any]:
+    """Human masks of `dataset` from its segmentations, written to a new store at `out`."""
+    attrs = {"kind": "human", **dataset_attrs(dataset, root), "rule": HUMAN_RULE,
+             "params": {"threshold": threshold, "missing": missing},
+             "segmentations": str(getattr(dataset, "seg_root", None))}
+    masks = human_masks(dataset, threshold=threshold, missing=missing, batch_size=batch_size, progress=progress)
+    return write_mask_store(out, masks, n=len(dataset), shape=dataset.image_shape, attrs=attrs,
+                            chunk_size=chunk_size)
+
+
+def write_no_human_masks(dataset: ImageDataset, out: str | Path, *, root: Optional[str | Path] = None,
+                         reason: Optional[str] = None) -> dict[str, Any]:
+    """An empty human store for a dataset without segmentations, so that `sip_h` can refuse it by reason."""
+    reason = reason or (f"dataset {dataset.name!r} has no human segmentations (only CUB-200-2011-style trees "
+                        f"with a segmentations/ folder do), so sip_h cannot be trained on it; use sip_s")
+    attrs = {"kind": "human", **dataset_attrs(dataset, root), "n": 0, "rule": HUMAN_RULE}
+    return write_unavailable_store(out, shape=dataset.image_shape, reason=reason, attrs=attrs)
