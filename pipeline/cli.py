@@ -91,7 +91,10 @@ def masks_synthetic(
     = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
-    """Synthetic masks (SIP-S, eq. 7–8) of the training split from a teacher checkpoint."""
+    """Synthetic masks (SIP-S, eq. 7–8) of the training split from a teacher checkpoint.
+
+    Under [bold]torchrun --nproc-per-node N[/bold] the processes split the images and write one store.
+    """
     from pipeline.data import load_dataset
     from pipeline.salience import extract_synthetic
 
@@ -106,7 +109,10 @@ def masks_synthetic(
             target=target.value if target is not None else sal.target,
             batch_size=batch_size or sal.batch_size, chunk_size=sal.chunk_size, device=device or cfg.device,
             num_workers=cfg.data.num_workers, progress=not quiet)
-    _print_written(out, attrs)
+    from pipeline.distributed import is_main
+
+    if is_main():  # under torchrun every process returns the same attributes
+        _print_written(out, attrs)
 
 
 @masks_app.command("human")
@@ -288,3 +294,63 @@ def masks_show(
                          + " vs ".join(f"{s.kind} ({s.attrs.get('coverage', {}).get('mean', 0):.0%} salient)"
                                        for s in stores))
     console.print(f"[green]wrote[/green] {escape(str(out))} ({k} images, {len(stores)} mask set(s))", soft_wrap=True)
+
+
+# =============================================================================================== report
+
+STUDENT_METRICS = "data/metrics/student.json"
+
+
+def rows_from_experiments(exp_rows: list[dict[str, Any]], metrics_file: str = STUDENT_METRICS) -> list[dict]:
+    """Turn `dvc.api.exp_show()` rows (flattened columns) into metrics dicts like the JSON files."""
+    out = []
+    for row in exp_rows:
+        metrics: dict[str, Any] = {"robust_acc": {}}
+        for key, value in row.items():
+            name = key.split(":", 1)[1] if ":" in key else key
+            if ":" in key and not key.startswith(metrics_file):
+                continue  # the teacher's metrics (or another file) share column names
+            if name == "clean_acc":
+                metrics["clean_acc"] = value
+            elif name.startswith("robust_acc."):
+                metrics["robust_acc"][name.removeprefix("robust_acc.")] = value
+        strategy, seed = row.get("strategy"), row.get("seed")
+        if metrics.get("clean_acc") is None or strategy is None or any(v is None for v in metrics["robust_acc"].values()):
+            continue  # queued, failed or never evaluated
+        metrics.update(strategy=strategy, seed=seed, source=row.get("Experiment") or row.get("rev"))
+        out.append(metrics)
+    return out
+
+
+@app.command("report")
+def report(
+    metrics_dir: Annotated[Optional[Path], typer.Option("--metrics-dir", help="a folder of metrics JSON files "
+                           "(searched recursively) instead of the DVC experiments of this repository")] = None,
+    out_md: Annotated[Path, typer.Option("--out", help="Markdown table")] = Path("reports/comparison.md"),
+    out_png: Annotated[Path, typer.Option("--plot", help="accuracy vs ε plot (PNG)")] = Path("reports/comparison.png"),
+    all_commits: Annotated[bool, typer.Option("--all-commits", help="experiments of every commit, not just HEAD")] = False,
+) -> None:
+    """The paper-style table: rows strategies, columns clean and each ε, mean ± std over seeds, best in bold."""
+    from pipeline.report import aggregate, load_metrics_dir, plot, to_markdown
+    from pipeline.utils import atomic_path
+
+    with _errors():
+        if metrics_dir is not None:
+            if not metrics_dir.is_dir():
+                raise FileNotFoundError(f"metrics folder not found: {metrics_dir}")
+            rows = load_metrics_dir(metrics_dir)
+            where = str(metrics_dir)
+        else:
+            import dvc.api
+
+            rows = rows_from_experiments(dvc.api.exp_show(num=-1 if all_commits else 1, param_deps=False))
+            where = "DVC experiments"
+        if not rows:
+            raise ValueError(f"no evaluated student runs found in {where}")
+        agg = aggregate(rows)
+        md = to_markdown(agg)
+        with atomic_path(out_md) as tmp:
+            tmp.write_text(md)
+        plot(agg, out_png, title=f"{len(rows)} runs")
+    console.print(md)
+    console.print(f"wrote [bold]{out_md}[/bold] and [bold]{out_png}[/bold] from {len(rows)} runs ({where})")

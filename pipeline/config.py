@@ -149,6 +149,15 @@ class EvalConfig(_Strict):
         return sorted(set(v))
 
 
+class PerfConfig(_Strict):
+    """GPU fast paths; "auto" turns each on when CUDA is used. None of them changes what is computed."""
+
+    amp: Literal["auto", "off", "bf16"] = "auto"
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    compile: bool = False
+    resume: bool = True  # keep a per-epoch state next to the checkpoint and resume from it after an interruption
+
+
 class Config(_Strict):
     strategy: str = "sip_s"
     dataset: str = "digits"
@@ -162,6 +171,7 @@ class Config(_Strict):
     salience: SalienceConfig = Field(default_factory=SalienceConfig)
     human_masks: HumanMaskConfig = Field(default_factory=HumanMaskConfig)
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
+    perf: PerfConfig = Field(default_factory=PerfConfig)
 
     @model_validator(mode="after")
     def _known_names(self) -> "Config":

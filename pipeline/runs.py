@@ -29,20 +29,31 @@ def load_split(cfg: Config, split: str) -> ImageDataset:
     return load_dataset(cfg.dataset, cfg.data.root, split, cfg.data.image_size)
 
 
-def train_options(cfg: Config, device: torch.device, **kw) -> TrainOptions:
-    return TrainOptions(device=device, augment=cfg.data.augment, crop_padding=cfg.data.crop_padding, **kw)
-
-
 def train_run(cfg: Config, role: str, out: str | Path, *, mask_store: Optional[str | Path] = None,
-              device: Optional[torch.device] = None, resume_path: Optional[Path] = None,
-              progress: bool = True) -> dict[str, Any]:
+              device: Optional[torch.device] = None, progress: bool = True,
+              stop_after_epoch: Optional[int] = None) -> dict[str, Any]:
     """Train the teacher (`role="teacher"`: Madry PGD-AT) or the student (strategy from `cfg.strategy`).
 
-    Writes a checkpoint to `out` and returns the training summary (also stored in the checkpoint).
+    Writes a checkpoint to `out` and returns the training summary (also stored in the checkpoint). Under
+    `torchrun` (WORLD_SIZE > 1) it trains with DistributedDataParallel: `batch_size` stays the global batch,
+    split evenly over the processes, so the learning-rate schedule needs no change; rank 0 validates and writes.
     """
-    device = device or resolve_device(cfg.device)
+    from pipeline.distributed import init_from_env, shutdown
+
+    out = Path(out)
+    dist = init_from_env(device or resolve_device(cfg.device))
+    try:
+        return _train(cfg, role, out, dist, mask_store=mask_store, progress=progress,
+                      stop_after_epoch=stop_after_epoch)
+    finally:
+        shutdown(dist)
+
+
+def _train(cfg: Config, role: str, out: Path, dist, *, mask_store, progress: bool,
+           stop_after_epoch: Optional[int]) -> dict[str, Any]:
+    device = dist.device
     seed = cfg.teacher.seed if role == "teacher" else cfg.seed
-    seed_everything(seed)
+    seed_everything(seed + dist.rank)  # ranks draw different PGD starts, like independent batches would
     if role == "teacher":
         strategy_name, optim, arch = "madry", cfg.teacher, cfg.teacher.model
     elif role == "student":
@@ -63,25 +74,57 @@ def train_run(cfg: Config, role: str, out: str | Path, *, mask_store: Optional[s
     train_idx, val_idx = train_val_split(ds.labels, cfg.data.val_fraction, cfg.data.split_seed)
     pin = device.type == "cuda"
     train_batches = BatchIterator(ds, train_idx, optim.batch_size, shuffle=True, seed=seed,
-                                  num_workers=cfg.data.num_workers, pin_memory=pin)
+                                  num_workers=cfg.data.num_workers, pin_memory=pin, rank=dist.rank,
+                                  world_size=dist.world_size)
     val_batches = BatchIterator(ds, val_idx, max(optim.batch_size, 256), shuffle=False,
                                 num_workers=cfg.data.num_workers, pin_memory=pin)
     model = build_model(arch, ds.num_classes, ds.mean, ds.std, pretrained=optim.pretrained).to(device)
-    log.info("%s: %s on %s (%d train / %d val images, %s), strategy %s, eps %s, %d epochs on %s", role, arch,
-             cfg.dataset, len(train_idx), len(val_idx), "x".join(map(str, ds.image_shape)), strategy_name,
-             format_budget(cfg.attack.eps), optim.epochs, device)
+    perf = cfg.perf
+    cuda = device.type == "cuda"
+    channels_last = perf.channels_last == "on" or (perf.channels_last == "auto" and cuda)
+    amp = torch.bfloat16 if perf.amp == "bf16" or (perf.amp == "auto" and cuda) else None
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    net = model
+    if dist.world_size > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+    if perf.compile:
+        net = torch.compile(net)
+    if dist.is_main:
+        log.info("%s: %s on %s (%d train / %d val images, %s), strategy %s, eps %s, %d epochs on %s%s%s", role,
+                 arch, cfg.dataset, len(train_idx), len(val_idx), "x".join(map(str, ds.image_shape)),
+                 strategy_name, format_budget(cfg.attack.eps), optim.epochs, device,
+                 f" x{dist.world_size} processes" if dist.world_size > 1 else "",
+                 f" (amp {amp}, channels_last {channels_last}, compile {perf.compile})" if cuda or amp else "")
+    run_key = _run_key(cfg, role, ds.fingerprint(), dist.world_size)
+    resume = out.parent / f".{out.stem}.resume.pt" if perf.resume else None
+    opts = TrainOptions(device=device, amp_dtype=amp, augment=cfg.data.augment, crop_padding=cfg.data.crop_padding,
+                        seed=seed, progress=progress, channels_last=channels_last, resume_path=resume,
+                        resume_key=run_key, is_main=dist.is_main, stop_after_epoch=stop_after_epoch)
     t0 = time.perf_counter()
-    summary = fit(model, strategy, train_batches, val_batches, optim, cfg.attack,
-                  train_options(cfg, device, seed=seed, resume_path=resume_path, progress=progress), masks=masks)
+    summary = fit(net, strategy, train_batches, val_batches, optim, cfg.attack, opts, masks=masks)
     summary["train_seconds"] = round(time.perf_counter() - t0, 2)
+    summary["processes"] = dist.world_size
     meta = {
         "arch": arch, "num_classes": ds.num_classes, "mean": list(ds.mean), "std": list(ds.std),
         "image_shape": list(ds.image_shape), "dataset": cfg.dataset, "dataset_fingerprint": ds.fingerprint(),
         "role": role, "strategy": strategy_name, "seed": seed, "attack": cfg.attack.model_dump(),
         "optim": optim.model_dump(), "summary": summary,
     }
-    save_checkpoint(out, model, meta)
+    if dist.is_main:
+        save_checkpoint(out, model, meta)
+        if resume is not None and resume.exists():
+            resume.unlink()
     return summary
+
+
+def _run_key(cfg: Config, role: str, fingerprint: str, world_size: int) -> str:
+    import hashlib
+    import json
+
+    parts = {"role": role, "fingerprint": fingerprint, "world": world_size,
+             "cfg": cfg.model_dump(exclude={"evaluate", "salience", "human_masks", "device"})}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def evaluate_run(cfg: Config, checkpoint: str | Path, out: str | Path, *, device: Optional[torch.device] = None,

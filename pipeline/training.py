@@ -37,8 +37,11 @@ class TrainOptions:
     crop_padding: int = 2
     seed: int = 0
     progress: bool = True
+    channels_last: bool = False
     resume_path: Optional[Path] = None  # per-epoch state for resuming an interrupted run
-    is_main: bool = True  # only rank 0 logs, shows progress and writes files
+    resume_key: str = ""  # identifies the run; a state saved under another key is ignored
+    is_main: bool = True  # only rank 0 logs, shows progress, validates and writes files
+    stop_after_epoch: Optional[int] = None  # for tests: simulate an interruption after this epoch
 
 
 def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -95,8 +98,8 @@ def fit(model: nn.Module, strategy: Strategy, train_batches: BatchIterator, val_
     start_epoch = 0
     aug_gen = torch.Generator().manual_seed(opts.seed + 7)
 
-    if opts.resume_path is not None and Path(opts.resume_path).is_file():
-        state = torch.load(opts.resume_path, map_location="cpu", weights_only=True)
+    state = _load_resume(opts)
+    if state is not None:
         getattr(model, "module", model).load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -121,6 +124,8 @@ def fit(model: nn.Module, strategy: Strategy, train_batches: BatchIterator, val_
                    leave=False, disable=not (opts.progress and opts.is_main))
         for bi, (x, y, idx) in enumerate(bar):
             x = x.to(device, non_blocking=True)
+            if opts.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             y = y.to(device, non_blocking=True)
             mask = masks(idx) if (masks is not None and strategy.mask_kind) else None
             if opts.augment:
@@ -139,7 +144,7 @@ def fit(model: nn.Module, strategy: Strategy, train_batches: BatchIterator, val_
         row: dict[str, Any] = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
                                "train_loss": float(loss_sum) / max(seen, 1)}
         row.update(strategy.stats())
-        if val_batches is not None and len(val_batches.indices) > 0:
+        if val_batches is not None and len(val_batches.indices) > 0 and opts.is_main:
             row.update(validate(model, val_batches, attack, device, robust=cfg.select != "clean"))
         row["seconds"] = round(time.perf_counter() - t0, 3)
         history.append(row)
@@ -151,7 +156,9 @@ def fit(model: nn.Module, strategy: Strategy, train_batches: BatchIterator, val_
             log.info("%s epoch %d/%d  " + "  ".join(f"{k}=%.4g" for k in row if k not in ("epoch",)),
                      strategy.name, epoch + 1, cfg.epochs, *[row[k] for k in row if k not in ("epoch",)])
         if opts.resume_path is not None and opts.is_main:
-            _save_resume(opts.resume_path, model, opt, sched, aug_gen, history, best, epoch)
+            _save_resume(opts, model, opt, sched, aug_gen, history, best, epoch)
+        if opts.stop_after_epoch is not None and epoch + 1 >= opts.stop_after_epoch:
+            raise KeyboardInterrupt(f"stopped after epoch {epoch + 1} (stop_after_epoch)")
 
     if cfg.select != "last" and best[2] is not None:
         getattr(model, "module", model).load_state_dict(best[2])
@@ -166,14 +173,26 @@ def _decode_history(rows: list) -> list[dict]:
     return [dict(r) for r in rows]
 
 
-def _save_resume(path: Path, model, opt, sched, aug_gen, history, best, epoch: int) -> None:
+def _load_resume(opts: TrainOptions) -> Optional[dict]:
+    path = opts.resume_path
+    if path is None or not Path(path).is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("key") != opts.resume_key:
+        if opts.is_main:
+            log.info("ignoring %s: it belongs to another run configuration", path)
+        return None
+    return state
+
+
+def _save_resume(opts: TrainOptions, model, opt, sched, aug_gen, history, best, epoch: int) -> None:
     from pipeline.utils import atomic_path
 
-    state = {"model": _cpu_state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+    state = {"key": opts.resume_key, "model": _cpu_state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
              "aug_rng": aug_gen.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
              "best_score": float(best[0]), "best_epoch": int(best[1]), "epoch": epoch}
     if best[2] is not None:
         state["best_model"] = best[2]
-    with atomic_path(path) as tmp:
+    with atomic_path(opts.resume_path) as tmp:
         torch.save(state, tmp)
 

@@ -138,7 +138,7 @@ class BatchIterator:
 
     def __init__(self, dataset: ImageDataset, indices: Sequence[int] | np.ndarray, batch_size: int, *,
                  shuffle: bool, seed: int = 0, num_workers: int = 0, pin_memory: bool = False,
-                 drop_last: bool = False):
+                 drop_last: bool = False, rank: int = 0, world_size: int = 1):
         self.dataset = dataset
         self.indices = torch.as_tensor(np.asarray(indices, dtype=np.int64))
         self.batch_size = batch_size
@@ -147,6 +147,9 @@ class BatchIterator:
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.drop_last = drop_last
+        self.rank, self.world_size = rank, world_size
+        if world_size > 1 and batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} is not divisible by the {world_size} processes")
         self.epoch = 0
         self.labels = torch.as_tensor(np.asarray(dataset.labels, dtype=np.int64))
 
@@ -154,19 +157,30 @@ class BatchIterator:
         self.epoch = epoch
 
     def _order(self) -> torch.Tensor:
-        if not self.shuffle:
-            return self.indices
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return self.indices[torch.randperm(len(self.indices), generator=g)]
+        order = self.indices
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = order[torch.randperm(len(order), generator=g)]
+        if self.world_size > 1:
+            # Every process draws the same permutation; process r takes every world_size-th sample, so a
+            # global batch of `batch_size` is split evenly. Short tails are padded by wrapping around.
+            pad = (-len(order)) % self.world_size
+            order = torch.cat([order, order[:pad]])[self.rank::self.world_size]
+        return order
+
+    @property
+    def local_batch_size(self) -> int:
+        return self.batch_size // self.world_size
 
     def __len__(self) -> int:
-        n = len(self.indices)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        n = -(-len(self.indices) // self.world_size)
+        b = self.local_batch_size
+        return n // b if self.drop_last else -(-n // b)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         order = self._order()
-        batches = list(torch.split(order, self.batch_size))
-        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+        batches = list(torch.split(order, self.local_batch_size))
+        if self.drop_last and batches and len(batches[-1]) < self.local_batch_size:
             batches.pop()
         cache = self.dataset._cache
         if cache is not None:

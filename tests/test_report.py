@@ -1,0 +1,78 @@
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli import app, rows_from_experiments
+from pipeline.report import aggregate, to_markdown
+
+
+def _write(folder, strategy, seed, clean, r4, r8):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{strategy}-{seed}.json").write_text(json.dumps({
+        "strategy": strategy, "seed": seed, "role": "student", "clean_acc": clean,
+        "robust_acc": {"eps_8_255": r8, "eps_4_255": r4}}))
+
+
+@pytest.fixture
+def metrics(tmp_path):
+    d = tmp_path / "m"
+    _write(d, "madry", 0, 0.80, 0.70, 0.50)
+    _write(d, "madry", 1, 0.82, 0.72, 0.52)
+    _write(d / "sub", "sip_s", 0, 0.90, 0.75, 0.40)
+    _write(d / "sub", "sip_s", 1, 0.88, 0.73, 0.42)
+    _write(d, "basic", 0, 0.99, 0.10, 0.00)
+    (d / "teacher.json").write_text(json.dumps({"strategy": "madry", "seed": 9, "role": "teacher",
+                                                 "clean_acc": 0.1, "robust_acc": {"eps_8_255": 0.1}}))
+    (d / "junk.json").write_text("{not json")
+    return d
+
+
+def test_aggregate_means_stds_and_order(metrics):
+    from pipeline.report import load_metrics_dir
+
+    agg = aggregate(load_metrics_dir(metrics))
+    assert agg["strategies"] == ["basic", "madry", "sip_s"]  # paper order, teacher file ignored
+    assert agg["columns"] == ["clean", "eps_4_255", "eps_8_255"]
+    m = agg["table"]["madry"]["clean"]
+    assert m["mean"] == pytest.approx(81.0) and m["std"] == pytest.approx(1.41421356, rel=1e-6) and m["n"] == 2
+    assert agg["table"]["basic"]["eps_8_255"] == {"mean": 0.0, "std": 0.0, "n": 1}
+
+
+def test_markdown_marks_the_best_per_column(metrics):
+    from pipeline.report import load_metrics_dir
+
+    md = to_markdown(aggregate(load_metrics_dir(metrics)))
+    lines = md.strip().splitlines()
+    assert lines[0].startswith("| Strategy | Clean | ε = 4/255 | ε = 8/255")
+    basic, madry, sip = lines[2], lines[3], lines[4]
+    assert "**99.00 ± 0.00**" in basic  # best clean
+    assert "**74.00 ± 1.41**" in sip  # best at 4/255
+    assert "**51.00 ± 1.41**" in madry  # best at 8/255
+    assert madry.count("**") == 2 and sip.startswith("| SIP-S")
+
+
+def test_report_cli_writes_table_and_plot(metrics, tmp_path):
+    out, png = tmp_path / "r.md", tmp_path / "r.png"
+    res = CliRunner().invoke(app, ["report", "--metrics-dir", str(metrics), "--out", str(out), "--plot", str(png)])
+    assert res.exit_code == 0, res.output
+    assert "SIP-S" in out.read_text()
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_cli_errors_clearly(tmp_path):
+    res = CliRunner().invoke(app, ["report", "--metrics-dir", str(tmp_path / "none")])
+    assert res.exit_code == 1 and "not found" in res.output
+    (tmp_path / "empty").mkdir()
+    res = CliRunner().invoke(app, ["report", "--metrics-dir", str(tmp_path / "empty")])
+    assert res.exit_code == 1 and "no evaluated student runs" in res.output
+
+
+def test_rows_from_experiment_columns():
+    rows = rows_from_experiments([
+        {"Experiment": "a", "strategy": "madry", "seed": 0, "data/metrics/student.json:clean_acc": 0.8,
+         "data/metrics/student.json:robust_acc.eps_8_255": 0.5, "data/metrics/teacher.json:clean_acc": 0.1},
+        {"Experiment": "queued", "strategy": "fat", "seed": 0, "data/metrics/student.json:clean_acc": None},
+    ])
+    assert rows == [{"robust_acc": {"eps_8_255": 0.5}, "clean_acc": 0.8, "strategy": "madry", "seed": 0,
+                     "source": "a"}]

@@ -1,0 +1,104 @@
+import pytest
+import torch
+
+from pipeline.config import config_from_dict
+from pipeline.data import BatchIterator
+from pipeline.models import build_model, load_checkpoint
+from pipeline.runs import train_run
+from pipeline.strategies import Strategy, make_strategy
+from pipeline.training import TrainingDiverged, TrainOptions, fit
+
+
+def _cfg(digits_root, **over):
+    raw = {"dataset": "digits", "strategy": "madry", "device": "cpu", "data": {"root": str(digits_root)},
+           "attack": {"steps": 2}, "train": {"epochs": 3, "batch_size": 128, "lr": 0.05,
+                                             "schedule": {"kind": "multistep", "milestones": [2]}},
+           "perf": {"amp": "off", "channels_last": "off"}}
+    for k, v in over.items():
+        raw[k] = {**raw.get(k, {}), **v} if isinstance(v, dict) else v
+    return config_from_dict(raw)
+
+
+def test_resume_after_interruption_gives_identical_weights(digits_root, tmp_path):
+    cfg = _cfg(digits_root, data={"augment": True})
+    train_run(cfg, "student", tmp_path / "full.pt", progress=False)
+    out = tmp_path / "resumed.pt"
+    with pytest.raises(KeyboardInterrupt):
+        train_run(cfg, "student", out, progress=False, stop_after_epoch=2)
+    assert not out.exists() and (tmp_path / ".resumed.resume.pt").exists()
+    summary = train_run(cfg, "student", out, progress=False)
+    assert [r["epoch"] for r in summary["history"]] == [1, 2, 3]
+    assert not (tmp_path / ".resumed.resume.pt").exists()  # cleaned up once the checkpoint is written
+    a, _ = load_checkpoint(tmp_path / "full.pt")
+    b, _ = load_checkpoint(out)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), k
+
+
+def test_a_state_from_another_configuration_is_not_resumed(digits_root, tmp_path):
+    out = tmp_path / "m.pt"
+    with pytest.raises(KeyboardInterrupt):
+        train_run(_cfg(digits_root), "student", out, progress=False, stop_after_epoch=1)
+    summary = train_run(_cfg(digits_root, seed=5), "student", out, progress=False)
+    assert [r["epoch"] for r in summary["history"]] == [1, 2, 3]  # started over
+
+
+def test_fast_path_matches_plain_path_accuracy(digits_root, tmp_path):
+    """bf16 autocast + channels-last (the CUDA defaults) against fp32 on the embedded default."""
+    accs = {}
+    for name, perf in {"plain": {"amp": "off", "channels_last": "off"},
+                       "fast": {"amp": "bf16", "channels_last": "on"}}.items():
+        cfg = _cfg(digits_root, strategy="basic", perf=perf,
+                   train={"epochs": 5, "batch_size": 64, "schedule": {"kind": "none"}})
+        summary = train_run(cfg, "student", tmp_path / f"{name}.pt", progress=False)
+        accs[name] = summary["history"][-1]["val_clean_acc"]
+    assert accs["plain"] > 0.8
+    assert abs(accs["fast"] - accs["plain"]) < 0.05, accs
+
+
+class _Exploding(Strategy):
+    name = "exploding"
+
+    def loss(self, model, batch):
+        out = model(batch.x).mean()
+        return out * float("nan") if self.epoch == 1 else out
+
+
+def test_nan_loss_names_epoch_and_batch(digits_root):
+    from pipeline.data import load_dataset
+
+    ds = load_dataset("digits", str(digits_root), "train", 16)
+    cfg = _cfg(digits_root)
+    model = build_model("smallcnn", 10)
+    it = BatchIterator(ds, range(64), 32, shuffle=False)
+    with pytest.raises(TrainingDiverged, match=r"epoch 2, batch 0"):
+        fit(model, _Exploding(cfg.attack), it, None, cfg.train, cfg.attack, TrainOptions(progress=False))
+
+
+def test_sip_h_without_human_masks_stops_before_training(digits_root, tmp_path):
+    from pipeline.maskstore import MaskStoreError, write_unavailable_store
+
+    store = tmp_path / "human.zarr"
+    write_unavailable_store(store, shape=(3, 16, 16), reason="cifar10 has no human segmentations", attrs={})
+    cfg = _cfg(digits_root, strategy="sip_h")
+    with pytest.raises(MaskStoreError, match="no human segmentations"):
+        train_run(cfg, "student", tmp_path / "m.pt", mask_store=store, progress=False)
+    with pytest.raises(MaskStoreError, match="nowhere"):
+        train_run(cfg, "student", tmp_path / "m.pt", mask_store=tmp_path / "nowhere.zarr", progress=False)
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_distributed_batches_partition_each_epoch():
+    class D:
+        labels = torch.zeros(10, dtype=torch.long)
+        _cache = torch.zeros(10, 1, 1, 1, dtype=torch.uint8)
+
+    seen = []
+    for rank in range(2):
+        it = BatchIterator(D(), list(range(10)), 4, shuffle=True, seed=3, rank=rank, world_size=2)
+        assert it.local_batch_size == 2
+        seen.append([i for _, _, b in it for i in b.tolist()])
+    assert len(seen[0]) == len(seen[1]) == 5
+    assert sorted(seen[0] + seen[1]) == list(range(10))
+    with pytest.raises(ValueError, match="divisible"):
+        BatchIterator(D(), list(range(10)), 5, shuffle=False, world_size=2)
