@@ -105,6 +105,15 @@ def _train(cfg: Config, role: str, out: Path, dist, *, mask_store, progress: boo
     summary = fit(net, strategy, train_batches, val_batches, optim, cfg.attack, opts, masks=masks)
     summary["train_seconds"] = round(time.perf_counter() - t0, 2)
     summary["processes"] = dist.world_size
+    if dist.world_size > 1:
+        # DDP keeps the weights identical (batch-norm statistics are rank 0's, broadcast at every forward);
+        # check it rather than trust it before writing a single checkpoint.
+        from pipeline.distributed import all_gather_objects
+
+        digests = all_gather_objects(_digest(model))
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"model replicas diverged across the {dist.world_size} processes: {digests}")
+        summary["replica_digest"] = digests[0]
     meta = {
         "arch": arch, "num_classes": ds.num_classes, "mean": list(ds.mean), "std": list(ds.std),
         "image_shape": list(ds.image_shape), "dataset": cfg.dataset, "dataset_fingerprint": ds.fingerprint(),
@@ -116,6 +125,16 @@ def _train(cfg: Config, role: str, out: Path, dist, *, mask_store, progress: boo
         if resume is not None and resume.exists():
             resume.unlink()
     return summary
+
+
+def _digest(model: torch.nn.Module) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in model.named_parameters():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _run_key(cfg: Config, role: str, fingerprint: str, world_size: int) -> str:
