@@ -5,7 +5,7 @@ import logging
 from pipeline.data import load_dataset
 from pipeline.data.digits import write_digits_cub
 from pipeline.utils import atomic_path, write_json
-from stages._common import start
+from stages._common import expected_errors, start
 
 OUT = "data/prepared"
 log = logging.getLogger("stages.prepare")
@@ -13,7 +13,7 @@ log = logging.getLogger("stages.prepare")
 
 def main() -> None:
     cfg = start()
-    with atomic_path(OUT, is_dir=True) as tmp:
+    with expected_errors(), atomic_path(OUT, is_dir=True) as tmp:
         summary = {"dataset": cfg.dataset}
         if cfg.dataset == "digits":
             summary.update(write_digits_cub(tmp / "digits_cub"))

@@ -1,14 +1,17 @@
 """Stage `teacher`: Madry PGD adversarial training of the robust teacher (the source of synthetic masks)."""
 
+from pipeline.distributed import is_main
 from pipeline.runs import train_run
 from pipeline.utils import write_json
-from stages._common import start
+from stages._common import expected_errors, start
 
 
 def main() -> None:
     cfg = start()
-    summary = train_run(cfg, "teacher", "data/teacher/model.pt")
-    write_json("data/teacher/history.json", summary["history"])
+    with expected_errors():
+        summary = train_run(cfg, "teacher", "data/teacher/model.pt")
+    if is_main():  # under torchrun only rank 0 writes
+        write_json("data/teacher/history.json", summary["history"])
 
 
 if __name__ == "__main__":
