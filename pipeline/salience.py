@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from pipeline.data import BatchIterator, DatasetError, ImageDataset
 from pipeline.data.cub import resize_uint8
-from pipeline.maskstore import write_mask_store, write_unavailable_store
+from pipeline.maskstore import (MaskStoreError, chunk_ranges, write_mask_store, write_mask_store_distributed,
+                                write_unavailable_store)
 from pipeline.utils import resolve_device, sha256_file
 
 log = logging.getLogger(__name__)
@@ -85,11 +86,20 @@ def input_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: 
 class SyntheticMasks:
     """Iterable of `(start, masks)` over a dataset in index order; `masks` bool [B, C, H, W] on the device.
 
-    `stats["zero_gradient"]` counts images whose gradient was all zero (they get empty masks).
+    `rows=(start, stop)` limits it to those items. Batches still follow the whole dataset's grid (multiples of
+    `batch_size`), cut to the rows afterwards: an image is always computed in the same batch, so its mask does
+    not depend on `rows` even where kernels round differently for other batch shapes.
+    `stats["zero_gradient"]` counts images (of `rows`) whose gradient was all zero (they get empty masks).
     """
 
     def __init__(self, model: nn.Module, dataset: ImageDataset, *, fraction: float, target: Target,
-                 batch_size: int, device: torch.device, num_workers: int = 0, progress: bool = True):
+                 batch_size: int, device: torch.device, num_workers: int = 0, progress: bool = True,
+                 rows: Optional[tuple[int, int]] = None):
+        n = len(dataset)
+        lo, hi = rows if rows is not None else (0, n)
+        if not 0 <= lo <= hi <= n:
+            raise ValueError(f"rows must satisfy 0 <= start <= stop <= {n}, got {rows}")
+        self.rows = (int(lo), int(hi))
         if target not in ("label", "predicted"):
             raise ValueError(f"target must be 'label' or 'predicted', got {target!r}")
         if not 0.0 < fraction <= 1.0:
@@ -108,10 +118,14 @@ class SyntheticMasks:
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), idx
 
     def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:
-        n = len(self.dataset)
+        lo, hi = self.rows
+        n = hi - lo
+        bs = self.batch_size
+        # The global batches that overlap the rows (see the class docstring); none at all for empty rows.
+        first, last = lo - lo % bs, min(len(self.dataset), -(-hi // bs) * bs)
         # BatchIterator would pin its uint8 batch and then convert it; `_to_device` pins the float batch instead.
-        batches = BatchIterator(self.dataset, np.arange(n), self.batch_size, shuffle=False,
-                                num_workers=self.num_workers)
+        batches = BatchIterator(self.dataset, np.arange(first, last), bs, shuffle=False,
+                                num_workers=self.num_workers) if n else ()
         was_training = self.model.training
         self.model.eval()
         # Counted on the device (all-zero, non-finite): a per-batch host sync would stall it between batches.
@@ -124,11 +138,15 @@ class SyntheticMasks:
                 x, y, idx = current
                 grad = input_gradients(self.model, x, y, self.target)
                 mask, zero, nonfinite = salient_set_async(grad, self.fraction)
+                start = int(idx[0])
+                a, b = max(0, lo - start), min(len(idx), hi - start)  # the part of this batch within the rows
+                if (a, b) != (0, len(idx)):
+                    mask, zero, nonfinite = mask[a:b], zero[a:b], nonfinite[a:b]
                 flags += torch.stack([zero, nonfinite]).sum(1)
                 # Fetch the next batch while the device works on this one.
                 current = self._to_device(next(it, None))
-                bar.update(len(idx))
-                yield int(idx[0]), mask
+                bar.update(b - a)
+                yield start + a, mask
         finally:
             bar.close()
             self.model.train(was_training)
@@ -144,10 +162,11 @@ class SyntheticMasks:
 
 def synthetic_masks(model: nn.Module, dataset: ImageDataset, *, fraction: float = 0.5, target: Target = "label",
                     batch_size: int = 256, device: torch.device | str = "cpu", num_workers: int = 0,
-                    progress: bool = True) -> SyntheticMasks:
-    """Eq. 7–8 masks of every item of `dataset` from `model` (in eval mode), in batches on `device`."""
+                    progress: bool = True, rows: Optional[tuple[int, int]] = None) -> SyntheticMasks:
+    """Eq. 7–8 masks of every item of `dataset` (or of items `rows`) from `model` (in eval mode), in batches on
+    `device`."""
     return SyntheticMasks(model, dataset, fraction=fraction, target=target, batch_size=batch_size,
-                          device=torch.device(device), num_workers=num_workers, progress=progress)
+                          device=torch.device(device), num_workers=num_workers, progress=progress, rows=rows)
 
 
 # ----------------------------------------------------------------------------------------------- human
@@ -251,15 +270,11 @@ def dataset_attrs(dataset: ImageDataset, root: Optional[str | Path] = None) -> d
             "num_classes": int(dataset.num_classes), "fingerprint": dataset.fingerprint()}
 
 
-def extract_synthetic(checkpoint: str | Path, dataset: ImageDataset, out: str | Path, *,
-                      root: Optional[str | Path] = None, fraction: float = 0.5, target: Target = "label",
-                      batch_size: int = 256, chunk_size: int = 256, device: str | torch.device = "auto",
-                      num_workers: int = 0, progress: bool = True) -> dict[str, Any]:
-    """Synthetic masks of `dataset` from the teacher at `checkpoint`, written to a new store at `out`."""
+def _load_teacher(checkpoint: Path, dataset: ImageDataset, device: torch.device, *, root, fraction: float,
+                  target: Target, warn: bool) -> tuple[nn.Module, dict[str, Any]]:
+    """The teacher on `device`, checked against `dataset`, and the attributes of a store made from it."""
     from pipeline.models import load_checkpoint
 
-    device = resolve_device(device) if isinstance(device, str) else device
-    checkpoint = Path(checkpoint)
     model, meta = load_checkpoint(checkpoint, device)
     if meta.get("num_classes") not in (None, dataset.num_classes):
         raise DatasetError(f"teacher {checkpoint} has {meta['num_classes']} classes but dataset {dataset.name!r} "
@@ -267,7 +282,7 @@ def extract_synthetic(checkpoint: str | Path, dataset: ImageDataset, out: str | 
     if meta.get("image_shape") not in (None, list(dataset.image_shape)):
         raise DatasetError(f"teacher {checkpoint} was trained on {meta['image_shape']} images but the dataset "
                            f"gives {list(dataset.image_shape)}: check data.image_size")
-    if meta.get("dataset_fingerprint") not in (None, dataset.fingerprint()):
+    if warn and meta.get("dataset_fingerprint") not in (None, dataset.fingerprint()):
         log.warning("teacher %s was trained on %s (fingerprint %s), not on this %s/%s (%s)", checkpoint,
                     meta.get("dataset"), meta["dataset_fingerprint"], dataset.name, dataset.split,
                     dataset.fingerprint())
@@ -280,10 +295,56 @@ def extract_synthetic(checkpoint: str | Path, dataset: ImageDataset, out: str | 
                     "arch": meta.get("arch"), "dataset": meta.get("dataset"),
                     "dataset_fingerprint": meta.get("dataset_fingerprint")},
     }
-    masks = synthetic_masks(model, dataset, fraction=fraction, target=target, batch_size=batch_size,
-                            device=device, num_workers=num_workers, progress=progress)
-    return write_mask_store(out, masks, n=len(dataset), shape=dataset.image_shape, attrs=attrs,
-                            chunk_size=chunk_size)
+    return model, attrs
+
+
+def extract_synthetic(checkpoint: str | Path, dataset: ImageDataset, out: str | Path, *,
+                      root: Optional[str | Path] = None, fraction: float = 0.5, target: Target = "label",
+                      batch_size: int = 256, chunk_size: int = 256, device: str | torch.device = "auto",
+                      num_workers: int = 0, progress: bool = True,
+                      distributed: Optional[bool] = None) -> dict[str, Any]:
+    """Synthetic masks of `dataset` from the teacher at `checkpoint`, written to a new store at `out`.
+
+    Under torchrun with WORLD_SIZE > 1, or inside an initialised process group of several processes, every
+    process must call this: each extracts the items `chunk_ranges(n, chunk_size, world_size)[rank]` on its
+    device (cuda:LOCAL_RANK on CUDA) and writes them into the one store, which comes out byte for byte as a
+    single process writes it (`write_mask_store_distributed`). A group this call initialised is destroyed
+    before it returns. `distributed=False` forces one process even then; every process gets the attributes.
+    """
+    from pipeline import distributed as D
+
+    checkpoint = Path(checkpoint)
+    if distributed is False:
+        info = D.DistInfo(0, 1, 0, resolve_device(device) if isinstance(device, str) else device, False)
+    else:
+        info = D.init_from_env(device)  # WORLD_SIZE unset or 1: no group, the device resolved as always
+    try:
+        if not info.distributed:
+            model, attrs = _load_teacher(checkpoint, dataset, info.device, root=root, fraction=fraction,
+                                         target=target, warn=True)
+            masks = synthetic_masks(model, dataset, fraction=fraction, target=target, batch_size=batch_size,
+                                    device=info.device, num_workers=num_workers, progress=progress)
+            return write_mask_store(out, masks, n=len(dataset), shape=dataset.image_shape, attrs=attrs,
+                                    chunk_size=chunk_size)
+        # A rank that cannot load the teacher must not leave the others waiting in a collective.
+        error: Optional[Exception] = None
+        try:
+            model, attrs = _load_teacher(checkpoint, dataset, info.device, root=root, fraction=fraction,
+                                         target=target, warn=info.is_main)
+        except Exception as err:  # noqa: BLE001 - re-raised after the vote
+            error = err
+        if not D.all_ok(error is None):
+            if error is not None:
+                raise error
+            raise MaskStoreError(f"{out}: not written: another process failed to load the teacher {checkpoint}")
+        rows = chunk_ranges(len(dataset), chunk_size, info.world_size)[info.rank]
+        masks = synthetic_masks(model, dataset, fraction=fraction, target=target, batch_size=batch_size,
+                                device=info.device, num_workers=num_workers, progress=progress and info.is_main,
+                                rows=rows)
+        return write_mask_store_distributed(out, masks, n=len(dataset), shape=dataset.image_shape, attrs=attrs,
+                                            chunk_size=chunk_size)
+    finally:
+        D.shutdown(info)
 
 
 def extract_human(dataset: ImageDataset, out: str | Path, *, root: Optional[str | Path] = None,
