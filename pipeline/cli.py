@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Optional
+from typing import Annotated, Any, Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -301,24 +302,27 @@ def masks_show(
 STUDENT_METRICS = "data/metrics/student.json"
 
 
-def rows_from_experiments(exp_rows: list[dict[str, Any]], metrics_file: str = STUDENT_METRICS) -> list[dict]:
-    """Turn `dvc.api.exp_show()` rows (flattened columns) into metrics dicts like the JSON files."""
+def rows_from_experiments(exp_rows: list[dict[str, Any]], read: Callable[[str], str]) -> list[dict]:
+    """Student metrics of each finished experiment listed by `dvc.api.exp_show()`.
+
+    The file is read whole at the experiment's revision (`read(rev)`): exp_show's flattened columns are
+    shared between metric files and may omit keys that only some files have.
+    """
+    from pipeline.report import is_metrics
+
     out = []
     for row in exp_rows:
-        metrics: dict[str, Any] = {"robust_acc": {}}
-        for key, value in row.items():
-            name = key.split(":", 1)[1] if ":" in key else key
-            if ":" in key and not key.startswith(metrics_file):
-                continue  # the teacher's metrics (or another file) share column names
-            if name == "clean_acc":
-                metrics["clean_acc"] = value
-            elif name.startswith("robust_acc."):
-                metrics["robust_acc"][name.removeprefix("robust_acc.")] = value
-        strategy, seed = row.get("strategy"), row.get("seed")
-        if metrics.get("clean_acc") is None or strategy is None or any(v is None for v in metrics["robust_acc"].values()):
-            continue  # queued, failed or never evaluated
-        metrics.update(strategy=strategy, seed=seed, source=row.get("Experiment") or row.get("rev"))
-        out.append(metrics)
+        rev = row.get("rev")
+        if row.get("typ") == "baseline" and rev != "workspace":
+            continue  # the commit itself: same as the workspace when nothing changed, or stale
+        if row.get("State") not in (None, "Success") or not rev:
+            continue  # queued, running or failed
+        try:
+            metrics = json.loads(read(rev))
+        except (FileNotFoundError, json.JSONDecodeError, OSError, KeyError):
+            continue  # never evaluated
+        if is_metrics(metrics) and metrics.get("role", "student") == "student":
+            out.append(dict(metrics, source=row.get("Experiment") or rev))
     return out
 
 
@@ -343,7 +347,12 @@ def report(
         else:
             import dvc.api
 
-            rows = rows_from_experiments(dvc.api.exp_show(num=-1 if all_commits else 1, param_deps=False))
+            def read(rev: str) -> str:
+                if rev == "workspace":
+                    return Path(STUDENT_METRICS).read_text()
+                return dvc.api.read(STUDENT_METRICS, rev=rev)
+
+            rows = rows_from_experiments(dvc.api.exp_show(num=-1 if all_commits else 1), read)
             where = "DVC experiments"
         if not rows:
             raise ValueError(f"no evaluated student runs found in {where}")
@@ -352,5 +361,9 @@ def report(
         with atomic_path(out_md) as tmp:
             tmp.write_text(md)
         plot(agg, out_png, title=f"{len(rows)} runs")
-    console.print(md)
+    typer.echo(md)
     console.print(f"wrote [bold]{out_md}[/bold] and [bold]{out_png}[/bold] from {len(rows)} runs ({where})")
+
+
+if __name__ == "__main__":
+    app()

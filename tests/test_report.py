@@ -68,11 +68,22 @@ def test_report_cli_errors_clearly(tmp_path):
     assert res.exit_code == 1 and "no evaluated student runs" in res.output
 
 
-def test_rows_from_experiment_columns():
+def test_rows_from_experiments_reads_each_finished_revision():
+    files = {"abc": json.dumps({"strategy": "madry", "seed": 1, "role": "student", "clean_acc": 0.8,
+                                "robust_acc": {"eps_8_255": 0.5}}),
+             "workspace": json.dumps({"strategy": "sip_s", "seed": 0, "clean_acc": 0.9, "robust_acc": {}})}
+
+    def read(rev):
+        if rev not in files:
+            raise FileNotFoundError(rev)
+        return files[rev]
+
     rows = rows_from_experiments([
-        {"Experiment": "a", "strategy": "madry", "seed": 0, "data/metrics/student.json:clean_acc": 0.8,
-         "data/metrics/student.json:robust_acc.eps_8_255": 0.5, "data/metrics/teacher.json:clean_acc": 0.1},
-        {"Experiment": "queued", "strategy": "fat", "seed": 0, "data/metrics/student.json:clean_acc": None},
-    ])
-    assert rows == [{"robust_acc": {"eps_8_255": 0.5}, "clean_acc": 0.8, "strategy": "madry", "seed": 0,
-                     "source": "a"}]
+        {"rev": "workspace", "typ": "baseline", "Experiment": None, "State": None},
+        {"rev": "main", "typ": "baseline", "Experiment": None, "State": None},
+        {"rev": "abc", "typ": "branch_commit", "Experiment": "exp-a", "State": "Success"},
+        {"rev": "def", "typ": "branch_commit", "Experiment": "exp-b", "State": "Queued"},
+        {"rev": "ghi", "typ": "branch_commit", "Experiment": "exp-c", "State": "Success"},  # no metrics
+    ], read)
+    assert [(r["strategy"], r["seed"], r["source"]) for r in rows] == [("sip_s", 0, "workspace"),
+                                                                      ("madry", 1, "exp-a")]
