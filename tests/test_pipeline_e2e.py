@@ -80,3 +80,26 @@ def test_experiment_reruns_only_the_student(tiny_repo):
         assert f"Running stage '{stage}'" not in out
     m = json.loads((root / "data/metrics/student.json").read_text())
     assert m["strategy"] == "sip_h"
+
+
+def test_queued_grid_runs_in_parallel_and_reports(tiny_repo):
+    import time
+
+    root, env = tiny_repo
+    _run(["dvc", "exp", "run", "--queue", "-S", "strategy=basic,madry", "-S", "seed=0,1"], root, env)
+    _run(["dvc", "queue", "start", "-j", "2"], root, env)
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        status = _run(["dvc", "queue", "status"], root, env)
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(5)
+    assert status.count("Success") >= 4, status
+    _run(["dvc", "queue", "stop"], root, env)
+    out = _run([str(Path(sys.executable).parent / "sipat"), "report", "--out", "r.md", "--plot", "r.png"], root, env)
+    table = (root / "r.md").read_text()
+    for label in ("Basic", "Madry"):
+        row = next(line for line in table.splitlines() if line.startswith(f"| {label} "))
+        assert row.rstrip().endswith("| 2 |"), row  # two seeds each
+    assert (root / "r.png").stat().st_size > 1000
+    assert "runs (DVC experiments)" in out
