@@ -89,7 +89,7 @@ def to_markdown(agg: dict[str, Any]) -> str:
             if not e["n"]:
                 cells.append("–")
                 continue
-            txt = f"{e['mean']:.2f} ± {e['std']:.2f}"
+            txt = f"{e['mean']:.2f} ± {e['std']:.2f}" if e["n"] > 1 else f"{e['mean']:.2f}"  # no spread from one seed
             cells.append(f"**{txt}**" if best[c] is not None and abs(e["mean"] - best[c]) < 1e-9 else txt)
         cells.append(str(max(table[s][c]["n"] for c in cols)))
         lines.append("| " + " | ".join(cells) + " |")

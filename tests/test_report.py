@@ -46,7 +46,7 @@ def test_markdown_marks_the_best_per_column(metrics):
     lines = md.strip().splitlines()
     assert lines[0].startswith("| Strategy | Clean | ε = 4/255 | ε = 8/255")
     basic, madry, sip = lines[2], lines[3], lines[4]
-    assert "**99.00 ± 0.00**" in basic  # best clean
+    assert "**99.00**" in basic  # best clean; a single seed shows no spread
     assert "**74.00 ± 1.41**" in sip  # best at 4/255
     assert "**51.00 ± 1.41**" in madry  # best at 8/255
     assert madry.count("**") == 2 and sip.startswith("| SIP-S")
