@@ -17,9 +17,9 @@ install: $(STAMP)
 repro: $(STAMP)
 	dvc repro
 	@echo
-	dvc metrics show
-	@echo
+	sipat metrics
 	@echo "Metrics: data/metrics/teacher.json (robust teacher), data/metrics/student.json (student, strategy from params.yaml)"
+	@echo "Every key, with the per-attack breakdown: dvc metrics show"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

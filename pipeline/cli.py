@@ -365,5 +365,37 @@ def report(
     console.print(f"wrote [bold]{out_md}[/bold] and [bold]{out_png}[/bold] from {len(rows)} runs ({where})")
 
 
+@app.command("metrics")
+def metrics(
+    files: Annotated[Optional[list[Path]], typer.Argument(help="metrics JSON files written by the evaluation")] = None,
+) -> None:
+    """Clean and AutoAttack robust accuracy (%) of evaluated models, one row per metrics file
+    ([bold]dvc metrics show[/bold] lists every key, including the per-attack breakdown)."""
+    from pipeline.report import is_metrics, summary_table
+
+    with _errors():
+        paths = files or [Path("data/metrics/teacher.json"), Path(STUDENT_METRICS)]
+        runs = {}
+        for path in paths:
+            if not path.is_file():
+                raise FileNotFoundError(f"metrics file not found: {path} (run the evaluation first: dvc repro)")
+            try:
+                obj = json.loads(path.read_text())
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path} is not valid JSON: {err}") from None
+            if not is_metrics(obj):
+                raise ValueError(f"{path} is not an evaluation result (no clean_acc / robust_acc)")
+            runs[path.stem if path.stem not in runs else str(path)] = obj
+        head, rows = summary_table(runs)
+    from rich import box
+
+    table = Table(title="accuracy (%): clean, and AutoAttack (standard, L∞) at each ε", box=box.SIMPLE_HEAD)
+    for h in head:
+        table.add_column(h, justify="left" if h in ("file", "strategy") else "right", no_wrap=True)
+    for r in rows:
+        table.add_row(*r)
+    console.print(table)
+
+
 if __name__ == "__main__":
     app()

@@ -123,3 +123,16 @@ def plot(agg: dict[str, Any], out: str | Path, title: Optional[str] = None) -> N
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
+
+
+def summary_table(runs: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """One row per metrics file (name → metrics): strategy, seed, points, clean and robust accuracy (%)."""
+    eps_keys = sorted({k for m in runs.values() for k in m["robust_acc"]}, key=_eps_sort_key)
+    head = ["file", "strategy", "seed", "points", "clean"] + [_eps_label(k).removeprefix("ε = ")
+                                                                      for k in eps_keys]
+    rows = []
+    for name, m in runs.items():
+        acc = [f"{100 * float(m['robust_acc'][k]):.2f}" if k in m["robust_acc"] else "–" for k in eps_keys]
+        rows.append([name, str(m.get("strategy", "?")), str(m.get("seed", "?")),
+                     str(m.get("n_examples", "?")), f"{100 * float(m['clean_acc']):.2f}", *acc])
+    return head, rows

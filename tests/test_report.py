@@ -87,3 +87,23 @@ def test_rows_from_experiments_reads_each_finished_revision():
     ], read)
     assert [(r["strategy"], r["seed"], r["source"]) for r in rows] == [("sip_s", 0, "workspace"),
                                                                       ("madry", 1, "exp-a")]
+
+
+def test_metrics_cli_prints_one_row_per_file_in_percent(metrics):
+    teacher, student = metrics / "teacher.json", metrics / "sub" / "sip_s-1.json"
+    res = CliRunner().invoke(app, ["metrics", str(teacher), str(student)])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    header = next(line for line in lines if "strategy" in line).split()
+    assert header == ["file", "strategy", "seed", "points", "clean", "4/255", "8/255"]  # ε ascending
+    assert next(line for line in lines if line.strip().startswith("teacher")).split() == \
+        ["teacher", "madry", "9", "?", "10.00", "–", "10.00"]  # no 4/255 in the teacher's file
+    assert next(line for line in lines if line.strip().startswith("sip_s-1")).split() == \
+        ["sip_s-1", "sip_s", "1", "?", "88.00", "73.00", "42.00"]
+
+
+def test_metrics_cli_names_a_missing_or_foreign_file(metrics, tmp_path):
+    res = CliRunner().invoke(app, ["metrics", str(tmp_path / "gone.json")])
+    assert res.exit_code == 1 and "gone.json" in res.output and "not found" in res.output
+    res = CliRunner().invoke(app, ["metrics", str(metrics / "junk.json")])
+    assert res.exit_code == 1 and "junk.json" in res.output and "not valid JSON" in res.output
