@@ -69,6 +69,18 @@ def test_dvc_repro_end_to_end(tiny_repo):
     shown = _run(["dvc", "metrics", "show", "--json"], root, env)
     assert "clean_acc" in shown and "eps_32_255" in shown
 
+    # Code edits invalidate exactly the stages that run that code.
+    with open(root / "pipeline" / "report.py", "a") as f:
+        f.write("\n# edited\n")
+    assert "Data and pipelines are up to date" in _run(["dvc", "status"], root, env)
+    evaluation = root / "pipeline" / "evaluation.py"
+    original = evaluation.read_text()
+    evaluation.write_text(original + "\n# edited\n")
+    status = _run(["dvc", "status", "--json"], root, env)
+    assert set(json.loads(status[status.index("{"):])) == {"teacher", "train", "evaluate_teacher", "evaluate"}
+    evaluation.write_text(original)
+    assert "Data and pipelines are up to date" in _run(["dvc", "status"], root, env)
+
 
 def test_experiment_reruns_only_the_student(tiny_repo):
     root, env = tiny_repo
