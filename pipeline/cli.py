@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Iterator, Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -387,8 +388,6 @@ def metrics(
                 raise ValueError(f"{path} is not an evaluation result (no clean_acc / robust_acc)")
             runs[path.stem if path.stem not in runs else str(path)] = obj
         head, rows = summary_table(runs)
-    from rich import box
-
     table = Table(title="accuracy (%): clean, and AutoAttack (standard, L∞) at each ε", box=box.SIMPLE_HEAD)
     for h in head:
         table.add_column(h, justify="left" if h in ("file", "strategy") else "right", no_wrap=True)
