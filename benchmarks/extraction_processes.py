@@ -34,7 +34,7 @@ import zarr
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from salience_extraction import RandomImages  # noqa: E402
+from salience_extraction import RandomImages, print_and_save  # noqa: E402
 
 from pipeline import distributed as D  # noqa: E402
 from pipeline.models import build_model, save_checkpoint  # noqa: E402
@@ -148,13 +148,7 @@ def main() -> None:
         (f"speedup, {args.nproc} processes vs best 1", f"{res['speedup']:8.2f} x"),
         ("stores identical (but creation time)", "yes" if identical else "NO"),
     ]
-    width = max(len(a) for a, _ in rows)
-    for a, b in rows:
-        print(f"  {a:<{width}}  {b}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    print_and_save(rows, res, args.json)
     if not identical:
         sys.exit("error: the split run wrote a different store")
 

@@ -210,13 +210,18 @@ def main() -> None:
         ("random batch read, in memory", f"{res['read_memory_ms_per_batch']:10.3f} ms"),
         ("random batch read, lazy (chunks)", f"{res['read_lazy_ms_per_batch']:10.3f} ms"),
     ]
+    print_and_save(rows, res, args.json)
+
+
+def print_and_save(rows: list[tuple[str, str]], res: dict, json_path: Path | None) -> None:
+    """Print (label, value) rows aligned; write the raw results as JSON when a path is given."""
     width = max(len(a) for a, _ in rows)
     for a, b in rows:
         print(f"  {a:<{width}}  {b}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(res, indent=2) + "\n")
+        print(f"wrote {json_path}")
 
 
 if __name__ == "__main__":
