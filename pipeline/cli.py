@@ -23,16 +23,13 @@ err_console = Console(stderr=True)
 @contextlib.contextmanager
 def _errors() -> Iterator[None]:
     """Turn the library's expected failures into one red line and exit code 1 (no traceback)."""
-    from pipeline.config import ConfigError
-    from pipeline.data import DatasetError
-    from pipeline.maskstore import MaskStoreError
+    from pipeline.errors import SipatError
 
     try:
         yield
     except (typer.Exit, typer.Abort, typer.BadParameter):
         raise
-    except (ConfigError, DatasetError, MaskStoreError, FileNotFoundError, ValueError, KeyError,
-            RuntimeError) as err:
+    except (SipatError, FileNotFoundError, ValueError, KeyError, RuntimeError) as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         err_console.print(f"[bold red]error:[/bold red] {escape(str(msg))}", soft_wrap=True)
         raise typer.Exit(1) from None

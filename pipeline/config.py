@@ -9,9 +9,7 @@ from typing import Annotated, Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-
-class ConfigError(ValueError):
-    """A parameter file that does not describe a valid run."""
+from pipeline.errors import ConfigError  # noqa: F401  (re-exported: callers import it from here)
 
 
 _RATIO = re.compile(r"^\s*([0-9.]+)\s*/\s*([0-9.]+)\s*$")

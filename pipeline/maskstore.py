@@ -31,8 +31,7 @@ KINDS = ("synthetic", "human")
 PERCENTILES = (5, 25, 50, 75, 95)
 
 
-class MaskStoreError(RuntimeError):
-    """A mask store that is missing, malformed, incomplete, or made for another dataset; names the store."""
+from pipeline.errors import MaskStoreError  # noqa: E402,F401  (re-exported)
 
 
 # --------------------------------------------------------------------------------------------------- packing

@@ -23,8 +23,7 @@ from pipeline.strategies import Batch, Strategy
 log = logging.getLogger(__name__)
 
 
-class TrainingDiverged(RuntimeError):
-    """A non-finite loss; the message names the epoch and batch."""
+from pipeline.errors import TrainingDiverged  # noqa: E402,F401  (re-exported)
 
 
 @dataclass

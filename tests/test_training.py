@@ -1,11 +1,15 @@
+import contextlib
+import copy
+
 import pytest
 import torch
 
+from pipeline.attacks import pgd
 from pipeline.config import config_from_dict
 from pipeline.data import BatchIterator
 from pipeline.models import build_model, load_checkpoint
 from pipeline.runs import train_run
-from pipeline.strategies import Strategy, make_strategy
+from pipeline.strategies import Batch, Strategy, make_strategy
 from pipeline.training import TrainingDiverged, TrainOptions, fit
 
 
@@ -43,17 +47,52 @@ def test_a_state_from_another_configuration_is_not_resumed(digits_root, tmp_path
     assert [r["epoch"] for r in summary["history"]] == [1, 2, 3]  # started over
 
 
-def test_fast_path_matches_plain_path_accuracy(digits_root, tmp_path):
-    """bf16 autocast + channels-last (the CUDA defaults) against fp32 on the embedded default."""
-    accs = {}
-    for name, perf in {"plain": {"amp": "off", "channels_last": "off"},
-                       "fast": {"amp": "bf16", "channels_last": "on"}}.items():
-        cfg = _cfg(digits_root, strategy="basic", perf=perf,
-                   train={"epochs": 5, "batch_size": 64, "schedule": {"kind": "none"}})
-        summary = train_run(cfg, "student", tmp_path / f"{name}.pt", progress=False)
-        accs[name] = summary["history"][-1]["val_clean_acc"]
-    assert accs["plain"] > 0.8
-    assert abs(accs["fast"] - accs["plain"]) < 0.05, accs
+@pytest.mark.parametrize("strategy", ["basic", "madry", "trades", "sip_s"])
+def test_fast_path_loss_and_gradients_match_fp32(strategy):
+    """bf16 autocast + channels-last (the CUDA defaults) against fp32 on one fixed batch.
+
+    Compared on one step, not after epochs of training: a few epochs magnify any kernel difference between
+    processors, and CPU bf16 kernels differ between them. bf16 keeps 8 mantissa bits (relative rounding
+    about 4e-3); through a small network the loss stays within 3 % and the weight gradient points the same
+    way (cosine > 0.98).
+    """
+    torch.manual_seed(0)
+    model = build_model("smallcnn", 10, (0.5,), (0.25,))
+    x = torch.rand(32, 1, 16, 16)
+    y = torch.randint(0, 10, (32,))
+    mask = torch.rand(32, 1, 16, 16) < 0.3
+    cfg = config_from_dict({"attack": {"steps": 3}})
+    results = {}
+    for name, fast in (("plain", False), ("fast", True)):
+        net = copy.deepcopy(model)
+        xb = x.contiguous(memory_format=torch.channels_last) if fast else x
+        if fast:
+            net = net.to(memory_format=torch.channels_last)
+        strat = make_strategy(strategy, cfg.attack, cfg.train, 1)
+        torch.manual_seed(1)  # same random start for the attack in both runs
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if fast else contextlib.nullcontext()
+        with ctx:
+            loss = strat.loss(net, Batch(xb, y, torch.arange(32), mask))
+        loss.backward()
+        grad = torch.cat([p.grad.flatten() for p in net.parameters()])
+        results[name] = (float(loss), grad)
+    (lp, gp), (lf, gf) = results["plain"], results["fast"]
+    assert abs(lf - lp) <= 0.03 * abs(lp), (lp, lf)
+    assert torch.nn.functional.cosine_similarity(gp, gf, dim=0) > 0.98
+
+
+def test_salient_elements_stay_exactly_unperturbed_under_autocast():
+    torch.manual_seed(0)
+    model = build_model("smallcnn", 10, (0.5,), (0.25,)).to(memory_format=torch.channels_last)
+    x = torch.rand(16, 1, 16, 16).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (16,))
+    mask = torch.rand(16, 1, 16, 16) < 0.4
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x_adv = pgd(model, x, y, eps=32 / 255, step_size=8 / 255, steps=5, mask=mask)
+    assert x_adv.dtype == torch.float32
+    assert torch.equal(x_adv[mask], x[mask])
+    assert (x_adv - x)[~mask].abs().max() > 0  # the rest was attacked
+    assert (x_adv - x).abs().max() <= 32 / 255 + 1e-6
 
 
 class _Exploding(Strategy):

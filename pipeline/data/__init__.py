@@ -22,8 +22,7 @@ from pipeline.registry import Registry
 log = logging.getLogger(__name__)
 
 
-class DatasetError(RuntimeError):
-    """A dataset that is missing, incomplete or malformed; the message names the file or index."""
+from pipeline.errors import DatasetError  # noqa: E402,F401  (re-exported)
 
 
 class ImageDataset(torch.utils.data.Dataset):

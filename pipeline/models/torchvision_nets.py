@@ -10,11 +10,12 @@ import torch
 import torch.nn as nn
 import torchvision.models as tvm
 
+from pipeline.errors import SipatError
 from pipeline.models import MODELS, ModelSpec
 
 
-class PretrainedWeightsMissing(FileNotFoundError):
-    pass
+class PretrainedWeightsMissing(SipatError, FileNotFoundError):
+    """ImageNet weights asked for but not in the local torch cache (nothing is downloaded)."""
 
 
 def cached_weights(weights: tvm.WeightsEnum) -> dict:
