@@ -19,11 +19,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import format_budget, load_config, parse_budget  # noqa: E402
+from pipeline.core.config import format_budget, load_config, parse_budget  # noqa: E402
+from pipeline.core.utils import resolve_device  # noqa: E402
 from pipeline.evaluation import evaluate_model, select_examples, stack_examples  # noqa: E402
 from pipeline.models import load_checkpoint  # noqa: E402
-from pipeline.runs import load_split  # noqa: E402
-from pipeline.utils import resolve_device  # noqa: E402
+from pipeline.data import load_dataset  # noqa: E402
 
 
 def main() -> None:
@@ -38,7 +38,7 @@ def main() -> None:
     cfg = load_config(args.params)
     device = resolve_device(args.device)
     model, meta = load_checkpoint(args.checkpoint, device)
-    ds = load_split(cfg, "test")
+    ds = load_dataset(cfg.dataset, cfg.data.root, "test", cfg.data.image_size)
     x, y = stack_examples(ds, select_examples(ds, args.n, cfg.evaluate.seed))
     eps = sorted(parse_budget(e) for e in args.eps) if args.eps else cfg.evaluate.eps
     res, secs = {}, {}

@@ -37,9 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from salience_extraction import RandomImages, print_and_save  # noqa: E402
 
 from pipeline import distributed as D  # noqa: E402
+from pipeline.core.utils import resolve_device  # noqa: E402
 from pipeline.models import build_model, save_checkpoint  # noqa: E402
-from pipeline.salience import extract_synthetic  # noqa: E402
-from pipeline.utils import resolve_device  # noqa: E402
+from pipeline.synthetic_masks import extract_synthetic  # noqa: E402
 
 
 def _extract(args: argparse.Namespace, ckpt: Path, out: Path, n: int, device) -> float:

@@ -2,7 +2,7 @@
 
 Measured in one run on the same random images and teacher:
   floor  a bare forward + input-gradient backward of the teacher over the same batches;
-  ours   `pipeline.salience.synthetic_masks` + `pipeline.maskstore.packed_to_host` (gradient, eq. 7–8 rule,
+  ours   `pipeline.synthetic_masks.synthetic_masks` + `pipeline.maskstore.packed_to_host` (gradient, eq. 7–8 rule,
          bit-packing, copy to the host): everything `write_mask_store` does except zarr's compress-and-write;
   naive  one image at a time: its gradient, then a numpy sort and cumulative sum.
 Then the store written from those masks (and from blob-shaped "human-like" masks): bits per element on disk,
@@ -29,12 +29,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.core.utils import resolve_device  # noqa: E402
 from pipeline.data import BatchIterator, ImageDataset  # noqa: E402
-from pipeline.maskstore import (MaskStore, packed_to_host, store_disk_bytes, unpack_masks,  # noqa: E402
-                                write_mask_store)
+from pipeline.maskstore import MaskStore, packed_to_host, store_disk_bytes, unpack_masks  # noqa: E402
+from pipeline.maskstore.writer import write_mask_store  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
-from pipeline.salience import synthetic_masks  # noqa: E402
-from pipeline.utils import resolve_device  # noqa: E402
+from pipeline.synthetic_masks import synthetic_masks  # noqa: E402
 
 TARGETS = {"vs_floor": 0.8, "vs_naive": 10.0, "bits_per_element": 1.0}
 

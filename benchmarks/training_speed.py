@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import AttackConfig, OptimConfig  # noqa: E402
+from pipeline.core.config import AttackConfig, OptimConfig  # noqa: E402
 from pipeline.data import BatchIterator, ImageDataset  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
 from pipeline.strategies import make_strategy  # noqa: E402

@@ -23,7 +23,7 @@ err_console = Console(stderr=True)
 @contextlib.contextmanager
 def _errors() -> Iterator[None]:
     """Turn the library's expected failures into one red line and exit code 1 (no traceback)."""
-    from pipeline.errors import SipatError
+    from pipeline.core.errors import SipatError
 
     try:
         yield
@@ -59,7 +59,7 @@ def _check_unit(value: Optional[float], name: str) -> None:
 
 
 def _load_params(params: Path):
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
 
     return load_config(params)
 
@@ -95,7 +95,7 @@ def masks_synthetic(
     Under [bold]torchrun --nproc-per-node N[/bold] the processes split the images and write one store.
     """
     from pipeline.data import load_dataset
-    from pipeline.salience import extract_synthetic
+    from pipeline.synthetic_masks import extract_synthetic
 
     _check_unit(fraction, "--fraction")
     with _errors():
@@ -133,9 +133,9 @@ def masks_human(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
     """Human masks (SIP-H) of the training split from CUB segmentations."""
-    from pipeline.config import HumanMaskConfig
+    from pipeline.core.config import HumanMaskConfig
     from pipeline.data import load_dataset
-    from pipeline.salience import extract_human
+    from pipeline.human_masks import extract_human
 
     _check_unit(threshold, "--threshold")
     with _errors():
@@ -201,7 +201,7 @@ def masks_inspect(store: Annotated[Path, typer.Argument(help="a mask store (.zar
         table.add_row("empty masks", str(cov.get("empty", 0)))
     if attrs.get("counts"):
         table.add_row("counts", _fmt(attrs["counts"]))
-    table.add_row("created", f"{attrs.get('created')}  ({attrs.get('format')})")
+    table.add_row("format", str(attrs.get("format")))
     console.print(table)
 
 
@@ -228,7 +228,7 @@ def render_mask_grid(images, rows: list[tuple[str, Any]], titles: list[str], out
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    from pipeline.utils import atomic_path
+    from pipeline.core.utils import atomic_path
 
     n = images.shape[0]
     nrows = 1 + len(rows)
@@ -333,8 +333,8 @@ def report(
     all_commits: Annotated[bool, typer.Option("--all-commits", help="experiments of every commit, not just HEAD")] = False,
 ) -> None:
     """The paper-style table: rows strategies, columns clean and each ε, mean ± std over seeds, best in bold."""
+    from pipeline.core.utils import atomic_path
     from pipeline.report import aggregate, load_metrics_dir, plot, to_markdown
-    from pipeline.utils import atomic_path
 
     with _errors():
         if metrics_dir is not None:

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from pipeline.utils import resolve_device
+from pipeline.core.utils import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def _env_int(name: str, default: int) -> int:
 def init_from_env(device: str | torch.device = "auto", backend: Optional[str] = None) -> DistInfo:
     """Join (or reuse) the default process group described by the torchrun environment.
 
-    `device` is resolved as by `pipeline.utils.resolve_device`; with more than one process a CUDA device
+    `device` is resolved as by `pipeline.core.utils.resolve_device`; with more than one process a CUDA device
     becomes cuda:LOCAL_RANK, so that each process of a node has its own GPU. `backend` defaults to "nccl" for
     a CUDA device and "gloo" otherwise. A group that is already initialised (by a caller) is reused as it is.
     """

@@ -103,7 +103,7 @@ def plot(agg: dict[str, Any], out: str | Path, title: Optional[str] = None) -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pipeline.utils import atomic_path
+    from pipeline.core.utils import atomic_path
 
     cols = agg["columns"]
     xs = [0.0] + [_eps_sort_key(c) * 255 for c in cols[1:]]

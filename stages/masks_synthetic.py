@@ -1,40 +1,43 @@
-"""DVC stage `masks_synthetic`: eq. 7–8 masks of the training split from the robust teacher.
+"""Stage `masks_synthetic`: eq. 7–8 masks of the training split from the robust teacher.
 
-Runs as one process (`python -m stages.masks_synthetic`) or split over several
-(`torchrun --nproc-per-node N -m stages.masks_synthetic`); the store is the same either way.
+    python -m stages.masks_synthetic --teacher data/teacher/model.pt --out data/masks/synthetic.zarr
+
+Runs as one process or split over several (`torchrun --nproc-per-node N -m stages.masks_synthetic ...`);
+the store is the same either way.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
-import sys
 
-from pipeline.data import DatasetError, load_dataset
+from pipeline.core.config import load_config
+from pipeline.core.errors import expected_errors
+from pipeline.core.utils import setup_logging
+from pipeline.data import load_dataset
 from pipeline.distributed import is_main
-from pipeline.maskstore import MaskStoreError
-from pipeline.salience import extract_synthetic
-from stages._common import start
-
-TEACHER = "data/teacher/model.pt"
-OUT = "data/masks/synthetic.zarr"
+from pipeline.synthetic_masks import extract_synthetic
 
 log = logging.getLogger(__name__)
 
 
 def main() -> None:
-    cfg = start()
-    try:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--teacher", required=True, help="robust teacher checkpoint")
+    parser.add_argument("--out", required=True, help="mask store to write")
+    args = parser.parse_args()
+    setup_logging()
+    with expected_errors():
+        cfg = load_config()
         dataset = load_dataset(cfg.dataset, cfg.data.root, "train", cfg.data.image_size)
-        attrs = extract_synthetic(TEACHER, dataset, OUT, root=cfg.data.root, fraction=cfg.salience.fraction,
-                                  target=cfg.salience.target, batch_size=cfg.salience.batch_size,
-                                  chunk_size=cfg.salience.chunk_size, device=cfg.device,
-                                  num_workers=cfg.data.num_workers)
-    except (DatasetError, MaskStoreError, FileNotFoundError, ValueError) as err:
-        sys.exit(f"error: {err}")
+        attrs = extract_synthetic(args.teacher, dataset, args.out, root=cfg.data.root,
+                                  fraction=cfg.salience.fraction, target=cfg.salience.target,
+                                  batch_size=cfg.salience.batch_size, chunk_size=cfg.salience.chunk_size,
+                                  device=cfg.device, num_workers=cfg.data.num_workers)
     if not is_main():  # every process holds the same attributes; one summary is enough
         return
     cov = attrs["coverage"]
-    log.info("%s: %d masks, salient fraction mean %.3f (median %.3f), %d all-zero gradients", OUT, attrs["n"],
+    log.info("%s: %d masks, salient fraction mean %.3f (median %.3f), %d all-zero gradients", args.out, attrs["n"],
              cov.get("mean", 0.0), cov.get("p50", 0.0), attrs.get("counts", {}).get("zero_gradient", 0))
 
 

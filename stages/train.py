@@ -1,17 +1,45 @@
-"""Stage `train`: the student, trained with the strategy named by `strategy` in params.yaml."""
+"""Stages `teacher` and `train`: Madry PGD-AT of the robust teacher, or the student with `strategy` from params.
 
+    python -m stages.train teacher --out data/teacher/model.pt --history data/teacher/history.json
+    python -m stages.train student --out data/student/model.pt --history data/student/history.json \
+        --masks synthetic=data/masks/synthetic.zarr --masks human=data/masks/human.zarr
+
+Runs under `torchrun` too (DistributedDataParallel; only rank 0 writes).
+"""
+
+import argparse
+
+from pipeline.core.config import load_config
+from pipeline.core.errors import ConfigError, expected_errors
+from pipeline.core.utils import setup_logging, write_json
 from pipeline.distributed import is_main
-from pipeline.runs import train_run
-from pipeline.utils import write_json
-from stages._common import expected_errors, start
+from pipeline.training.run import train_run
+
+
+def _masks(items: list[str]) -> dict[str, str]:
+    stores = {}
+    for item in items:
+        kind, sep, path = item.partition("=")
+        if not sep or not kind or not path:
+            raise ConfigError(f"--masks expects KIND=PATH (e.g. synthetic=data/masks/synthetic.zarr), got {item!r}")
+        stores[kind] = path
+    return stores
 
 
 def main() -> None:
-    cfg = start()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("role", choices=("teacher", "student"))
+    parser.add_argument("--out", required=True, help="checkpoint to write")
+    parser.add_argument("--history", required=True, help="per-epoch validation curves (JSON) to write")
+    parser.add_argument("--masks", action="append", default=[], metavar="KIND=PATH",
+                        help="mask store of each kind a strategy may read (synthetic, human)")
+    args = parser.parse_args()
+    setup_logging()
     with expected_errors():
-        summary = train_run(cfg, "student", "data/student/model.pt")
+        cfg = load_config()
+        summary = train_run(cfg, args.role, args.out, mask_stores=_masks(args.masks))
     if is_main():  # under torchrun only rank 0 writes
-        write_json("data/student/history.json", summary["history"])
+        write_json(args.history, summary["history"])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 import pytest
 
-from pipeline.config import ConfigError, config_from_dict, format_budget, load_config, parse_budget
+from pipeline.core.config import ConfigError, config_from_dict, format_budget, load_config, parse_budget
+from pipeline.data import load_dataset
 
 
 def test_repository_params_are_valid():
@@ -36,12 +37,17 @@ def test_bad_values_are_rejected_by_name(raw, key):
     assert key in str(err.value)
 
 
-def test_unknown_registry_names_list_the_choices():
+def test_unknown_registry_names_list_the_choices(tmp_path):
+    from pipeline.training.run import train_run
+
     with pytest.raises(ConfigError) as err:
-        config_from_dict({"strategy": "sipp"})
+        train_run(config_from_dict({"strategy": "sipp", "device": "cpu"}), "student", tmp_path / "m.pt")
     assert "strategy" in str(err.value) and "sip_h" in str(err.value)
     with pytest.raises(ConfigError, match="teacher.model"):
-        config_from_dict({"teacher": {"model": "vgg"}})
+        train_run(config_from_dict({"teacher": {"model": "vgg"}, "device": "cpu"}), "teacher", tmp_path / "m.pt")
+    with pytest.raises(ConfigError, match="dataset: unknown dataset 'mnist'"):
+        load_dataset("mnist", None, "train", 16)
+    assert not (tmp_path / "m.pt").exists()
 
 
 def test_budgets_accept_fractions():

@@ -22,8 +22,9 @@ from test_salience import save_tiny_checkpoint  # noqa: E402
 
 from pipeline import distributed as D  # noqa: E402
 from pipeline.data import load_dataset  # noqa: E402
-from pipeline.maskstore import MaskStoreError, chunk_ranges, write_mask_store_distributed  # noqa: E402
-from pipeline.salience import extract_synthetic  # noqa: E402
+from pipeline.maskstore import MaskStoreError  # noqa: E402
+from pipeline.maskstore.writer import chunk_ranges, write_mask_store_distributed  # noqa: E402
+from pipeline.synthetic_masks import extract_synthetic  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # 4 classes × 10 training images; chunks of 12 give 4 chunks (the last one partial), and batches of 7 straddle
@@ -57,7 +58,7 @@ def test_chunk_ranges_are_disjoint_aligned_and_cover(n, chunk, world):
 def test_rows_follow_the_global_batch_grid(tmp_path):
     """A rank's rows are computed in the batches of the whole run, then cut: pieces add up to the whole."""
     from pipeline.models import build_model
-    from pipeline.salience import synthetic_masks
+    from pipeline.synthetic_masks import synthetic_masks
 
     ds = load_dataset("cub", str(make_cub_tree(tmp_path / "cub", n_classes=2, per_class=9, size=SIZE)),
                       "train", SIZE)
@@ -219,7 +220,8 @@ def test_stage_under_torchrun_writes_the_one_process_store(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-                           "-m", "stages.masks_synthetic"], cwd=work, env=env, capture_output=True, text=True,
+                           "-m", "stages.masks_synthetic", "--teacher", "data/teacher/model.pt",
+                           "--out", "data/masks/synthetic.zarr"], cwd=work, env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stderr.count("40 masks, salient fraction") == 1, "one summary, from rank 0"

@@ -60,21 +60,44 @@ def _stages() -> dict[str, dict]:
     return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
 
+def _code_deps(spec: dict) -> list[Path]:
+    return [ROOT / d for d in spec["deps"] if d.split("/")[0] in ("pipeline", "stages")]
+
+
+def _files(dep: Path) -> set[Path]:
+    return set(dep.rglob("*.py")) if dep.is_dir() else {dep}
+
+
 @pytest.mark.parametrize("stage", sorted(_stages()))
-def test_stage_deps_cover_the_code_it_runs(stage):
+def test_stage_deps_are_exactly_the_code_it_runs(stage):
     spec = _stages()[stage]
     module = spec["cmd"].split("-m ")[1].split()[0]
-    deps = [ROOT / d for d in spec["deps"]]
+    deps = _code_deps(spec)
     code = _closure(module)
     assert len(code) > 2
+    for d in deps:
+        assert d.exists(), f"stage {stage!r} lists {d.relative_to(ROOT)}, which does not exist"
     uncovered = sorted(str(f.relative_to(ROOT)) for f in code
                        if f.name != "__init__.py" or f.parent.name != "pipeline"
                        if not any(f == d or d in f.parents for d in deps))
     assert not uncovered, f"stage {stage!r} runs code missing from its deps in dvc.yaml: {uncovered}"
+    extra = sorted(str(f.relative_to(ROOT)) for d in deps for f in _files(d) if f not in code)
+    assert not extra, f"stage {stage!r} lists code it never imports (an edit there would rerun it): {extra}"
 
 
-@pytest.mark.parametrize("stage", ["teacher", "train", "evaluate"])
-def test_reporting_code_does_not_invalidate_training_or_evaluation(stage):
-    deps = [ROOT / d for d in _stages()[stage]["deps"]]
+def test_the_dependency_check_catches_both_mistakes():
+    spec = dict(_stages()["prepare"])
+    missing = dict(spec, deps=[d for d in spec["deps"] if d != "pipeline/data"])
+    code = _closure("stages.prepare")
+    assert any(f.parent.name == "data" for f in code)
+    assert not all(any(f == d or d in f.parents for d in _code_deps(missing)) for f in code
+                   if f.name != "__init__.py" or f.parent.name != "pipeline")
+    extra = dict(spec, deps=spec["deps"] + ["pipeline/strategies"])
+    assert any(f not in code for d in _code_deps(extra) for f in _files(d))
+
+
+@pytest.mark.parametrize("stage", sorted(_stages()))
+def test_reporting_and_cli_code_invalidate_no_stage(stage):
+    deps = _code_deps(_stages()[stage])
     for f in ("pipeline/cli.py", "pipeline/report.py"):
         assert not any(ROOT / f == d or d in (ROOT / f).parents for d in deps), (stage, f)

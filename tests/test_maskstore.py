@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from pipeline.data import ImageDataset
-from pipeline.maskstore import (MaskStore, MaskStoreError, pack_masks, packed_width, read_store_attrs,
-                                unpack_masks, write_mask_store, write_unavailable_store)
+from pipeline.maskstore import MaskStore, MaskStoreError, pack_masks, packed_width, read_store_attrs, unpack_masks
+from pipeline.maskstore.writer import write_mask_store, write_unavailable_store
 
 
 class FakeDataset(ImageDataset):

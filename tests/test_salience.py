@@ -11,10 +11,10 @@ import torch.nn as nn
 from PIL import Image
 
 from pipeline.data import DatasetError, load_dataset
+from pipeline.human_masks import binarise, extract_human, human_masks
 from pipeline.maskstore import MaskStore
 from pipeline.models import build_model, save_checkpoint
-from pipeline.salience import (binarise, extract_human, extract_synthetic, human_masks, input_gradients,
-                               salient_set, synthetic_masks)
+from pipeline.synthetic_masks import extract_synthetic, input_gradients, salient_set, synthetic_masks
 
 # ------------------------------------------------------------------------------------------- fixtures
 
@@ -286,7 +286,7 @@ class _NaN(_Constant):
 
 
 def test_non_finite_gradients_abort_without_a_store(cub, tmp_path):
-    from pipeline.maskstore import write_mask_store
+    from pipeline.maskstore.writer import write_mask_store
 
     it = synthetic_masks(_NaN(cub.num_classes), cub, batch_size=4, progress=False)
     with pytest.raises(ValueError, match="non-finite"):

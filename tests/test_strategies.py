@@ -2,12 +2,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.augment import crop_flip
-from pipeline.config import AttackConfig, StudentConfig
+from pipeline.core.config import AttackConfig, StudentConfig
 from pipeline.models import build_model
 from pipeline.strategies import STRATEGIES, Batch, make_strategy
 from pipeline.strategies.part import grad_cam, part_budget
 from pipeline.strategies.trades import trades_kl
+from pipeline.training.augment import crop_flip
 
 ATTACK = AttackConfig(eps=16 / 255, step_size=4 / 255, steps=3)
 

@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from pipeline.attacks import pgd
-from pipeline.config import config_from_dict
+from pipeline.core.config import config_from_dict
 from pipeline.data import BatchIterator
 from pipeline.models import build_model, load_checkpoint
-from pipeline.runs import train_run
 from pipeline.strategies import Batch, Strategy, make_strategy
 from pipeline.training import TrainingDiverged, TrainOptions, fit
+from pipeline.training.run import train_run
 
 
 def _cfg(digits_root, **over):
@@ -115,15 +115,16 @@ def test_nan_loss_names_epoch_and_batch(digits_root):
 
 
 def test_sip_h_without_human_masks_stops_before_training(digits_root, tmp_path):
-    from pipeline.maskstore import MaskStoreError, write_unavailable_store
+    from pipeline.maskstore import MaskStoreError
+    from pipeline.maskstore.writer import write_unavailable_store
 
     store = tmp_path / "human.zarr"
     write_unavailable_store(store, shape=(3, 16, 16), reason="cifar10 has no human segmentations", attrs={})
     cfg = _cfg(digits_root, strategy="sip_h")
     with pytest.raises(MaskStoreError, match="no human segmentations"):
-        train_run(cfg, "student", tmp_path / "m.pt", mask_store=store, progress=False)
+        train_run(cfg, "student", tmp_path / "m.pt", mask_stores={"human": store}, progress=False)
     with pytest.raises(MaskStoreError, match="nowhere"):
-        train_run(cfg, "student", tmp_path / "m.pt", mask_store=tmp_path / "nowhere.zarr", progress=False)
+        train_run(cfg, "student", tmp_path / "m.pt", mask_stores={"human": tmp_path / "nowhere.zarr"}, progress=False)
     assert not (tmp_path / "m.pt").exists()
 
 
@@ -147,8 +148,8 @@ def test_distributed_batches_partition_each_epoch():
 DDP_SCRIPT = """
 import json, os, sys
 from pathlib import Path
-from pipeline.config import config_from_dict
-from pipeline.runs import train_run
+from pipeline.core.config import config_from_dict
+from pipeline.training.run import train_run
 raw = json.loads(sys.argv[1])
 summary = train_run(config_from_dict(raw), "student", sys.argv[2], progress=False)
 Path(sys.argv[3], f"summary_rank{os.environ['RANK']}.json").write_text(
@@ -171,7 +172,7 @@ def test_ddp_training_with_two_gloo_processes(digits_root, tmp_path):
            "attack": {"steps": 2}, "train": {"epochs": 1, "batch_size": 64}, "perf": {"resume": False}}
     # human masks for the digits, so that the distributed run also reads masks by index
     from pipeline.data import load_dataset
-    from pipeline.salience import extract_human
+    from pipeline.human_masks import extract_human
 
     store = tmp_path / "human.zarr"
     ds = load_dataset("digits", str(digits_root), "train", 16)
@@ -179,7 +180,7 @@ def test_ddp_training_with_two_gloo_processes(digits_root, tmp_path):
                   batch_size=256, progress=False)
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT.replace('sys.argv[2], progress=False',
-                                         f'sys.argv[2], progress=False, mask_store={str(store)!r}'))
+                                         f'sys.argv[2], progress=False, mask_stores={{"human": {str(store)!r}}}'))
     out = tmp_path / "ddp.pt"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                            "--master-addr", "127.0.0.1", "--master-port", str(port), str(script), json.dumps(raw),

@@ -17,12 +17,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.registry import Registry
+from pipeline.core.errors import ConfigError, DatasetError  # noqa: F401  (DatasetError re-exported)
+from pipeline.core.registry import Registry
 
 log = logging.getLogger(__name__)
 
 
-from pipeline.errors import DatasetError  # noqa: E402,F401  (re-exported)
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -107,7 +107,7 @@ DATASETS: Registry[DatasetSpec] = Registry("dataset")
 
 def load_dataset(name: str, root: Optional[str], split: str, image_size: int) -> ImageDataset:
     """Instantiate a registered dataset (`split` is "train" or "test")."""
-    spec = DATASETS.get(name)
+    spec = DATASETS.get(name, "dataset")
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     return spec.factory(root or spec.default_root, split, image_size)
@@ -148,7 +148,7 @@ class BatchIterator:
         self.drop_last = drop_last
         self.rank, self.world_size = rank, world_size
         if world_size > 1 and batch_size % world_size:
-            raise ValueError(f"batch_size {batch_size} is not divisible by the {world_size} processes")
+            raise ConfigError(f"batch_size {batch_size} is not divisible by the {world_size} processes")
         self.epoch = 0
         self.labels = torch.as_tensor(np.asarray(dataset.labels, dtype=np.int64))
 

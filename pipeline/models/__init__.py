@@ -9,8 +9,9 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from pipeline.registry import Registry
-from pipeline.utils import atomic_path
+from pipeline.core.errors import CheckpointError
+from pipeline.core.registry import Registry
+from pipeline.core.utils import atomic_path
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
         raise FileNotFoundError(f"checkpoint not found: {path}")
     blob = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(blob, dict) or blob.get("format") != "sipat-checkpoint-v1":
-        raise ValueError(f"{path}: not a checkpoint written by this project")
+        raise CheckpointError(f"{path}: not a checkpoint written by this project")
     meta = blob["meta"]
     model = build_model(meta["arch"], meta["num_classes"], meta["mean"], meta["std"], pretrained=False)
     model.load_state_dict(blob["state_dict"])

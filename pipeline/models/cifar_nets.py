@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pipeline.core.errors import ConfigError
 from pipeline.models import MODELS, ModelSpec
 
 
@@ -83,7 +84,7 @@ class WideResNet(nn.Module):
 
 def _no_pretrained(name: str, pretrained: bool) -> None:
     if pretrained:
-        raise ValueError(f"model {name!r} is trained from scratch in the paper; set pretrained: false")
+        raise ConfigError(f"model {name!r} is trained from scratch in the paper; set pretrained: false")
 
 
 def _resnet18(num_classes: int, pretrained: bool = False) -> nn.Module:

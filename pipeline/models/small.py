@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from pipeline.core.errors import ConfigError
 from pipeline.models import MODELS, ModelSpec
 
 
@@ -25,7 +26,7 @@ class SmallCNN(nn.Module):
 
 def _small(num_classes: int, pretrained: bool = False) -> nn.Module:
     if pretrained:
-        raise ValueError("model 'smallcnn' has no pretrained weights; set pretrained: false")
+        raise ConfigError("model 'smallcnn' has no pretrained weights; set pretrained: false")
     return SmallCNN(num_classes)
 
 

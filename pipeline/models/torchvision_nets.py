@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torchvision.models as tvm
 
-from pipeline.errors import SipatError
+from pipeline.core.errors import SipatError
 from pipeline.models import MODELS, ModelSpec
 
 

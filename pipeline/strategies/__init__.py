@@ -12,8 +12,8 @@ from typing import ClassVar, Optional
 import torch
 import torch.nn as nn
 
-from pipeline.config import AttackConfig, StudentConfig
-from pipeline.registry import Registry
+from pipeline.core.config import AttackConfig, StudentConfig
+from pipeline.core.registry import Registry
 
 
 @dataclass
@@ -52,7 +52,7 @@ STRATEGIES: Registry[type[Strategy]] = Registry("strategy")
 
 def make_strategy(name: str, attack: AttackConfig, params: StudentConfig | None = None,
                   total_epochs: int = 1) -> Strategy:
-    return STRATEGIES.get(name)(attack, params, total_epochs)
+    return STRATEGIES.get(name, "strategy")(attack, params, total_epochs)
 
 
 def _register_builtin() -> None:

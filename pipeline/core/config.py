@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
-from pipeline.errors import ConfigError  # noqa: F401  (re-exported: callers import it from here)
-
+from pipeline.core.errors import ConfigError  # noqa: F401  (re-exported: callers import it from here)
 
 _RATIO = re.compile(r"^\s*([0-9.]+)\s*/\s*([0-9.]+)\s*$")
 
@@ -157,6 +156,9 @@ class PerfConfig(_Strict):
 
 
 class Config(_Strict):
+    """A whole run. Names of datasets, models and strategies are checked against their registries by the code
+    that uses them (`Registry.get(name, key)`), so that loading a config imports no training code."""
+
     strategy: str = "sip_s"
     dataset: str = "digits"
     model: str = "smallcnn"
@@ -170,23 +172,6 @@ class Config(_Strict):
     human_masks: HumanMaskConfig = Field(default_factory=HumanMaskConfig)
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
     perf: PerfConfig = Field(default_factory=PerfConfig)
-
-    @model_validator(mode="after")
-    def _known_names(self) -> "Config":
-        # Registries are consulted lazily so that user plug-ins registered before loading are accepted.
-        from pipeline.data import DATASETS
-        from pipeline.models import MODELS
-        from pipeline.strategies import STRATEGIES
-
-        for key, name, reg in (
-            ("strategy", self.strategy, STRATEGIES),
-            ("dataset", self.dataset, DATASETS),
-            ("model", self.model, MODELS),
-            ("teacher.model", self.teacher.model, MODELS),
-        ):
-            if name not in reg:
-                raise ValueError(f"{key}: unknown name {name!r}; choose one of {sorted(reg.names())}")
-        return self
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from pipeline.config import format_budget
+from pipeline.core.config import format_budget
 from pipeline.data import ImageDataset
 
 log = logging.getLogger(__name__)

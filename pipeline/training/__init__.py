@@ -15,15 +15,15 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from pipeline.attacks import pgd
-from pipeline.augment import crop_flip
-from pipeline.config import AttackConfig, OptimConfig
+from pipeline.core.config import AttackConfig, OptimConfig
+from pipeline.core.errors import TrainingDiverged  # noqa: F401  (re-exported)
 from pipeline.data import BatchIterator
 from pipeline.strategies import Batch, Strategy
+from pipeline.training.augment import crop_flip
 
 log = logging.getLogger(__name__)
 
 
-from pipeline.errors import TrainingDiverged  # noqa: E402,F401  (re-exported)
 
 
 @dataclass
@@ -185,7 +185,7 @@ def _load_resume(opts: TrainOptions) -> Optional[dict]:
 
 
 def _save_resume(opts: TrainOptions, model, opt, sched, aug_gen, history, best, epoch: int) -> None:
-    from pipeline.utils import atomic_path
+    from pipeline.core.utils import atomic_path
 
     state = {"key": opts.resume_key, "model": _cpu_state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
              "aug_rng": aug_gen.get_state(), "torch_rng": torch.get_rng_state(), "history": history,

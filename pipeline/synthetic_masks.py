@@ -1,12 +1,9 @@
-"""Salience masks: synthetic (SIP-S, the paper's eq. 7–8, from a robust teacher) and human (SIP-H, from CUB
-segmentations), computed for a whole dataset split and written to a mask store (`pipeline.maskstore`).
-"""
+"""SIP-S masks (the paper's eq. 7–8): per image, the smallest set of elements carrying half of a robust teacher's
+|∇ₓ loss|, extracted batch by batch and written to a mask store."""
 
 from __future__ import annotations
 
 import logging
-import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator, Literal, Optional
 
@@ -14,24 +11,20 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from pipeline.core.errors import CheckpointError
+from pipeline.core.utils import resolve_device, sha256_file
 from pipeline.data import BatchIterator, DatasetError, ImageDataset
-from pipeline.data.cub import resize_uint8
-from pipeline.maskstore import (MaskStoreError, chunk_ranges, write_mask_store, write_mask_store_distributed,
-                                write_unavailable_store)
-from pipeline.utils import resolve_device, sha256_file
+from pipeline.maskstore import MaskStoreError, dataset_attrs
+from pipeline.maskstore.writer import chunk_ranges, write_mask_store, write_mask_store_distributed
 
 log = logging.getLogger(__name__)
 
 Target = Literal["label", "predicted"]
-Missing = Literal["error", "empty"]
 
 SYNTHETIC_RULE = ("eq. 7-8: per image, the smallest set of C×H×W elements whose |d CE(teacher(x), target) / dx| "
                   "sums to at least `fraction` of the image's total; ties to the earlier flat index")
-HUMAN_RULE = ("segmentation PNG resized like its image (bilinear, to image_size²), salient where value >= "
-              "threshold × the image's maximum; one channel broadcast over C")
 
 
 # ----------------------------------------------------------------------------------------------- synthetic
@@ -153,7 +146,7 @@ class SyntheticMasks:
         n_zero, n_bad = flags.tolist()
         self.stats["zero_gradient"] = n_zero
         if n_bad:
-            raise ValueError(f"{n_bad} of {n} images have a non-finite input gradient (NaN or inf): is the "
+            raise CheckpointError(f"{n_bad} of {n} images have a non-finite input gradient (NaN or inf): is the "
                              f"teacher checkpoint broken?")
         if self.stats["zero_gradient"]:
             log.warning("%d of %d images had an all-zero input gradient (a saturated teacher?); their masks are "
@@ -167,107 +160,6 @@ def synthetic_masks(model: nn.Module, dataset: ImageDataset, *, fraction: float 
     `device`."""
     return SyntheticMasks(model, dataset, fraction=fraction, target=target, batch_size=batch_size,
                           device=torch.device(device), num_workers=num_workers, progress=progress, rows=rows)
-
-
-# ----------------------------------------------------------------------------------------------- human
-
-def binarise(segmentations: torch.Tensor, threshold: float) -> torch.Tensor:
-    """uint8 [B, 1, H, W] -> bool: value >= threshold × the image's maximum; an all-zero image -> empty."""
-    seg = segmentations.float()
-    peak = seg.amax(dim=(1, 2, 3), keepdim=True)
-    return (seg >= threshold * peak) & (peak > 0)
-
-
-class HumanMasks:
-    """Iterable of `(start, masks)` from a dataset's segmentations; `masks` bool [B, C, H, W] on the CPU.
-
-    `stats` counts segmentations that were missing or unreadable (only non-zero with missing="empty").
-    """
-
-    def __init__(self, dataset: ImageDataset, *, threshold: float, missing: Missing, batch_size: int,
-                 workers: int, progress: bool):
-        if not dataset.has_segmentations:
-            raise DatasetError(f"dataset {dataset.name!r} ({dataset.split}) has no human segmentations")
-        if not 0.0 < threshold <= 1.0:
-            raise ValueError(f"threshold must be in (0, 1], got {threshold}")
-        if missing not in ("error", "empty"):
-            raise ValueError(f"missing must be 'error' or 'empty', got {missing!r}")
-        self.dataset, self.threshold, self.missing = dataset, threshold, missing
-        self.batch_size, self.workers, self.progress = batch_size, workers, progress
-        self.stats: dict[str, int] = {"missing_segmentations": 0, "unreadable_segmentations": 0}
-
-    def _check_present(self) -> None:
-        # Stat every file up front so that a missing one fails before any decoding, naming all of them.
-        absent = [p for p in (self.dataset.segmentation_path(i) for i in range(len(self.dataset)))
-                  if not p.is_file()]
-        self.stats["missing_segmentations"] = len(absent)
-        if absent and self.missing == "error":
-            shown = "\n  ".join(str(p) for p in absent[:10])
-            more = f"\n  ... and {len(absent) - 10} more" if len(absent) > 10 else ""
-            raise DatasetError(f"{len(absent)} of {len(self.dataset)} segmentation file(s) missing for "
-                               f"{self.dataset.name}/{self.dataset.split}:\n  {shown}{more}\n(set "
-                               f"human_masks.missing: empty to leave their masks empty instead)")
-        if absent:
-            log.warning("%d segmentation file(s) missing; their masks are left empty (first: %s)",
-                        len(absent), absent[0])
-
-    def _read(self, i: int) -> tuple[Optional[torch.Tensor], Optional[str]]:
-        path = self.dataset.segmentation_path(i)
-        try:
-            with Image.open(path) as img:
-                return resize_uint8(img, self.dataset.image_size, "L"), None
-        except FileNotFoundError:
-            return None, None  # already counted as missing
-        except (UnidentifiedImageError, OSError, ValueError) as err:
-            return None, f"{path}: {err}"
-
-    def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:
-        self._check_present()
-        ds = self.dataset
-        n = len(ds)
-        c, h, w = ds.image_shape
-        unreadable: list[str] = []
-        bar = tqdm(total=n, desc="human masks", unit="img", disable=not self.progress, leave=False)
-        # PNG decoding releases the GIL, so threads overlap the per-file work.
-        with ThreadPoolExecutor(max_workers=max(1, self.workers)) as pool:
-            try:
-                for start in range(0, n, self.batch_size):
-                    stop = min(n, start + self.batch_size)
-                    seg = torch.zeros((stop - start, 1, h, w), dtype=torch.uint8)
-                    for j, (img, err) in enumerate(pool.map(self._read, range(start, stop))):
-                        if img is not None:
-                            seg[j] = img
-                        elif err is not None:
-                            unreadable.append(err)
-                    bar.update(stop - start)
-                    yield start, binarise(seg, self.threshold).expand(-1, c, -1, -1)
-            finally:
-                bar.close()
-        self.stats["unreadable_segmentations"] = len(unreadable)
-        if unreadable and self.missing == "error":
-            shown = "\n  ".join(unreadable[:10])
-            more = f"\n  ... and {len(unreadable) - 10} more" if len(unreadable) > 10 else ""
-            raise DatasetError(f"{len(unreadable)} segmentation file(s) unreadable:\n  {shown}{more}")
-        if unreadable:
-            log.warning("%d segmentation file(s) unreadable; their masks are left empty (first: %s)",
-                        len(unreadable), unreadable[0])
-
-
-def human_masks(dataset: ImageDataset, *, threshold: float = 0.5, missing: Missing = "error",
-                batch_size: int = 256, workers: Optional[int] = None, progress: bool = True) -> HumanMasks:
-    """Masks of every item of `dataset` from its segmentation PNGs (see `HUMAN_RULE`)."""
-    return HumanMasks(dataset, threshold=threshold, missing=missing, batch_size=batch_size,
-                      workers=workers if workers is not None else min(8, os.cpu_count() or 1), progress=progress)
-
-
-# ----------------------------------------------------------------------------------------------- stores
-
-def dataset_attrs(dataset: ImageDataset, root: Optional[str | Path] = None) -> dict[str, Any]:
-    """What a store records about its dataset: enough to reload its images and to refuse another dataset."""
-    root = root if root is not None else getattr(dataset, "root", None)
-    return {"dataset": dataset.name, "split": dataset.split, "root": None if root is None else str(root),
-            "image_size": int(dataset.image_size), "image_shape": list(dataset.image_shape), "n": len(dataset),
-            "num_classes": int(dataset.num_classes), "fingerprint": dataset.fingerprint()}
 
 
 def _load_teacher(checkpoint: Path, dataset: ImageDataset, device: torch.device, *, root, fraction: float,
@@ -345,24 +237,3 @@ def extract_synthetic(checkpoint: str | Path, dataset: ImageDataset, out: str | 
                                             chunk_size=chunk_size)
     finally:
         D.shutdown(info)
-
-
-def extract_human(dataset: ImageDataset, out: str | Path, *, root: Optional[str | Path] = None,
-                  threshold: float = 0.5, missing: Missing = "error", chunk_size: int = 256,
-                  batch_size: int = 256, progress: bool = True) -> dict[str, Any]:
-    """Human masks of `dataset` from its segmentations, written to a new store at `out`."""
-    attrs = {"kind": "human", **dataset_attrs(dataset, root), "rule": HUMAN_RULE,
-             "params": {"threshold": threshold, "missing": missing},
-             "segmentations": str(getattr(dataset, "seg_root", None))}
-    masks = human_masks(dataset, threshold=threshold, missing=missing, batch_size=batch_size, progress=progress)
-    return write_mask_store(out, masks, n=len(dataset), shape=dataset.image_shape, attrs=attrs,
-                            chunk_size=chunk_size)
-
-
-def write_no_human_masks(dataset: ImageDataset, out: str | Path, *, root: Optional[str | Path] = None,
-                         reason: Optional[str] = None) -> dict[str, Any]:
-    """An empty human store for a dataset without segmentations, so that `sip_h` can refuse it by reason."""
-    reason = reason or (f"dataset {dataset.name!r} has no human segmentations (only CUB-200-2011-style trees "
-                        f"with a segmentations/ folder do), so sip_h cannot be trained on it; use sip_s")
-    attrs = {"kind": "human", **dataset_attrs(dataset, root), "n": 0, "rule": HUMAN_RULE}
-    return write_unavailable_store(out, shape=dataset.image_shape, reason=reason, attrs=attrs)

@@ -1,6 +1,6 @@
-"""End-to-end runs built from the library pieces: train a teacher or a student, evaluate a checkpoint.
+"""A whole training run built from the library pieces: the teacher (Madry PGD-AT) or a student (any strategy).
 
-Stages and the CLI call these functions; nothing here knows about DVC.
+Stages call `train_run`; nothing here knows about DVC.
 """
 
 from __future__ import annotations
@@ -12,29 +12,23 @@ from typing import Any, Optional
 
 import torch
 
-from pipeline.config import Config, format_budget
-from pipeline.data import BatchIterator, ImageDataset, load_dataset, train_val_split
-from pipeline.evaluation import evaluate_model, select_examples, stack_examples
-from pipeline.models import build_model, load_checkpoint, save_checkpoint
+from pipeline.core.config import Config, ConfigError, format_budget
+from pipeline.core.utils import resolve_device, seed_everything
+from pipeline.data import BatchIterator, load_dataset, train_val_split
+from pipeline.models import MODELS, build_model, save_checkpoint
 from pipeline.strategies import make_strategy
 from pipeline.training import TrainOptions, fit
-from pipeline.utils import resolve_device, seed_everything, write_json
 
 log = logging.getLogger(__name__)
 
-MASK_STORES = {"synthetic": "data/masks/synthetic.zarr", "human": "data/masks/human.zarr"}
-
-
-def load_split(cfg: Config, split: str) -> ImageDataset:
-    return load_dataset(cfg.dataset, cfg.data.root, split, cfg.data.image_size)
-
-
-def train_run(cfg: Config, role: str, out: str | Path, *, mask_store: Optional[str | Path] = None,
+def train_run(cfg: Config, role: str, out: str | Path, *, mask_stores: Optional[dict[str, str | Path]] = None,
               device: Optional[torch.device] = None, progress: bool = True,
               stop_after_epoch: Optional[int] = None) -> dict[str, Any]:
     """Train the teacher (`role="teacher"`: Madry PGD-AT) or the student (strategy from `cfg.strategy`).
 
-    Writes a checkpoint to `out` and returns the training summary (also stored in the checkpoint). Under
+    `mask_stores` maps a mask kind ("synthetic", "human") to its store, for strategies that read masks.
+    Writes a checkpoint to `out` and returns the training summary (the checkpoint stores it without timings,
+    so that rerunning on unchanged inputs writes identical bytes). Under
     `torchrun` (WORLD_SIZE > 1) it trains with DistributedDataParallel: `batch_size` stays the global batch,
     split evenly over the processes, so the learning-rate schedule needs no change; rank 0 validates and writes.
     """
@@ -43,13 +37,13 @@ def train_run(cfg: Config, role: str, out: str | Path, *, mask_store: Optional[s
     out = Path(out)
     dist = init_from_env(device or resolve_device(cfg.device))
     try:
-        return _train(cfg, role, out, dist, mask_store=mask_store, progress=progress,
+        return _train(cfg, role, out, dist, mask_stores=mask_stores or {}, progress=progress,
                       stop_after_epoch=stop_after_epoch)
     finally:
         shutdown(dist)
 
 
-def _train(cfg: Config, role: str, out: Path, dist, *, mask_store, progress: bool,
+def _train(cfg: Config, role: str, out: Path, dist, *, mask_stores: dict[str, str | Path], progress: bool,
            stop_after_epoch: Optional[int]) -> dict[str, Any]:
     device = dist.device
     seed = cfg.teacher.seed if role == "teacher" else cfg.seed
@@ -61,14 +55,17 @@ def _train(cfg: Config, role: str, out: Path, dist, *, mask_store, progress: boo
     else:
         raise ValueError(f"role must be 'teacher' or 'student', got {role!r}")
 
+    MODELS.get(arch, "teacher.model" if role == "teacher" else "model")  # fail before loading any data
     strategy = make_strategy(strategy_name, cfg.attack, cfg.train, optim.epochs)
-    ds = load_split(cfg, "train")
+    ds = load_dataset(cfg.dataset, cfg.data.root, "train", cfg.data.image_size)
     masks = None
     if strategy.mask_kind is not None:
         # Opened before any training so that a wrong or missing store stops the run at once.
         from pipeline.maskstore import MaskStore
 
-        path = Path(mask_store or MASK_STORES[strategy.mask_kind])
+        if strategy.mask_kind not in mask_stores:
+            raise ConfigError(f"strategy {strategy_name!r} needs a {strategy.mask_kind} mask store, but none was given")
+        path = Path(mask_stores[strategy.mask_kind])
         masks = MaskStore.open(path, dataset=ds, device=device, kind=strategy.mask_kind).masks
 
     train_idx, val_idx = train_val_split(ds.labels, cfg.data.val_fraction, cfg.data.split_seed)
@@ -118,13 +115,24 @@ def _train(cfg: Config, role: str, out: Path, dist, *, mask_store, progress: boo
         "arch": arch, "num_classes": ds.num_classes, "mean": list(ds.mean), "std": list(ds.std),
         "image_shape": list(ds.image_shape), "dataset": cfg.dataset, "dataset_fingerprint": ds.fingerprint(),
         "role": role, "strategy": strategy_name, "seed": seed, "attack": cfg.attack.model_dump(),
-        "optim": optim.model_dump(), "summary": summary,
+        "optim": optim.model_dump(), "summary": _without_timings(summary),
     }
     if dist.is_main:
         save_checkpoint(out, model, meta)
         if resume is not None and resume.exists():
             resume.unlink()
     return summary
+
+
+TIMING_KEYS = ("seconds", "train_seconds")
+
+
+def _without_timings(summary: dict[str, Any]) -> dict[str, Any]:
+    """The summary as stored in the checkpoint: wall-clock times vary between identical runs."""
+    out = {k: v for k, v in summary.items() if k not in TIMING_KEYS}
+    if "history" in out:
+        out["history"] = [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in out["history"]]
+    return out
 
 
 def _digest(model: torch.nn.Module) -> str:
@@ -144,53 +152,3 @@ def _run_key(cfg: Config, role: str, fingerprint: str, world_size: int) -> str:
     parts = {"role": role, "fingerprint": fingerprint, "world": world_size,
              "cfg": cfg.model_dump(exclude={"evaluate", "salience", "human_masks", "device"})}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def evaluate_run(cfg: Config, checkpoint: str | Path, out: str | Path, *, device: Optional[torch.device] = None,
-                 partial_path: Optional[Path] = None, eps: Optional[list[float]] = None) -> dict[str, Any]:
-    """AutoAttack evaluation of a checkpoint on the test split; writes the metrics JSON to `out`.
-
-    `partial_path` keeps finished budgets so an interrupted evaluation does not redo them; `eps` overrides
-    `cfg.evaluate.eps`.
-    """
-    import json
-
-    device = device or resolve_device(cfg.device)
-    seed_everything(cfg.evaluate.seed)
-    model, meta = load_checkpoint(checkpoint, device)
-    ds = load_split(cfg, "test")
-    ev = cfg.evaluate
-    eps_list = sorted(eps or ev.eps)
-    idx = select_examples(ds, ev.n_examples, ev.seed)
-    x, y = stack_examples(ds, idx)
-    done: dict[str, Any] = {}
-    if partial_path is not None and Path(partial_path).is_file():
-        saved = json.loads(Path(partial_path).read_text())
-        if saved.get("key") == _partial_key(checkpoint, idx, cfg):
-            done = saved["done"]
-            log.info("reusing %d finished budget(s) from %s", len(done), partial_path)
-
-    def keep(key: str, entry: dict) -> None:
-        if partial_path is not None:
-            done[key] = entry
-            write_json(partial_path, {"key": _partial_key(checkpoint, idx, cfg), "done": done})
-
-    t0 = time.perf_counter()
-    res = evaluate_model(model, x, y, eps_list, n_classes=meta["num_classes"], device=device,
-                         batch_size=ev.batch_size, seed=ev.seed, ladder=ev.ladder, done=done, on_eps_done=keep)
-    metrics = {"strategy": meta["strategy"], "seed": meta["seed"], "role": meta["role"], "model": meta["arch"],
-               "dataset": meta["dataset"], "train_eps": format_budget(meta["attack"]["eps"]),
-               "eps": [format_budget(e) for e in eps_list], **res,
-               "eval_seconds": round(time.perf_counter() - t0, 2),
-               "train_seconds": meta["summary"].get("train_seconds")}
-    write_json(out, metrics)
-    if partial_path is not None and Path(partial_path).exists():
-        Path(partial_path).unlink()
-    return metrics
-
-
-def _partial_key(checkpoint: str | Path, idx, cfg: Config) -> str:
-    from pipeline.utils import sha256_file
-
-    return f"{sha256_file(checkpoint, 16)}|{len(idx)}|{int(sum(idx))}|{cfg.evaluate.seed}|{cfg.evaluate.ladder}"
-

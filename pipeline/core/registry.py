@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+from typing import Callable, Generic, Iterator, Optional, TypeVar
+
+from pipeline.core.errors import ConfigError
 
 T = TypeVar("T")
 
@@ -23,11 +25,13 @@ class Registry(Generic[T]):
 
         return deco
 
-    def get(self, name: str) -> T:
+    def get(self, name: str, key: Optional[str] = None) -> T:
+        """The entry registered as `name`; an unknown name is a ConfigError naming the parameter `key`."""
         try:
             return self._items[name]
         except KeyError:
-            raise KeyError(f"unknown {self.kind} {name!r}; registered: {sorted(self._items)}") from None
+            raise ConfigError(f"{key or self.kind}: unknown {self.kind} {name!r}; choose one of "
+                              f"{sorted(self._items)}") from None
 
     def names(self) -> list[str]:
         return sorted(self._items)

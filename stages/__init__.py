@@ -1,1 +1,0 @@
-"""DVC entry points: each parses params.yaml, calls the library, and writes its outputs."""
