@@ -23,7 +23,8 @@ def _figure(**kwargs: Any):
     return Figure(**kwargs)
 
 
-def render_mask_grid(images, rows: list[tuple[str, Any]], titles: list[str], out: str | Path, suptitle: str) -> None:
+def render_mask_grid(images, rows: list[tuple[str, Any]], titles: list[str], out: str | Path,
+                     suptitle: str) -> None:
     """A row of images, then one row per mask set with the mask overlaid in red.
 
     `images` is float [n, C, H, W] in [0, 1]; each mask set is bool [n, C, H, W]; where only some channels are

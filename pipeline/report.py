@@ -207,7 +207,6 @@ def dedupe(rows: Iterable[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[s
             by_config[key] = r
             kept.append(r)
             continue
-        first["sources"].extend(r["sources"])
         warnings.append(f"{_describe(r)}: two different runs of the same configuration "
                         f"({first['sources'][0]}; {r['sources'][0]}); counted once, from {first['sources'][0]}")
     return kept, warnings
@@ -240,6 +239,10 @@ def _percent(value: Any) -> Optional[float]:
     except (TypeError, ValueError):
         return None
     return v if math.isfinite(v) else None
+
+
+def _seed_order(seed: Any) -> tuple[bool, float, str]:
+    return (not isinstance(seed, int), seed if isinstance(seed, int) else 0, str(seed))
 
 
 def _strategy_order(name: str) -> tuple[int, str]:
@@ -285,7 +288,7 @@ def _build_rows(runs: list[dict[str, Any]], columns: list[str]) -> tuple[list[di
                 cells[c] = {"mean": float(arr.mean()) if len(arr) else float("nan"),
                             "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0, "n": int(len(arr))}
             rows.append({"strategy": s, "label": label, "params": params, "cells": cells,
-                         "seeds": sorted({m.get("seed") for m in members}, key=str)})
+                         "seeds": sorted({m.get("seed") for m in members}, key=_seed_order)})
     counts = {r["label"]: len(r["seeds"]) for r in rows}
     if len(set(counts.values())) > 1:
         notes.append("Seed counts differ between rows: " + ", ".join(f"{k} {v}" for k, v in counts.items())
@@ -379,8 +382,8 @@ def compare(rows: Iterable[dict[str, Any]]) -> tuple[list[Group], list[str]]:
     groups.sort(key=lambda g: (str(g.key.get("dataset")), str(g.key.get("model")), not g.key["recorded"],
                                eps_value(_eps_key(_train_eps(g.key))), g.key.get("n_examples") or 0, g.digest))
     for g in groups:
-        g.title = (f"{g.key.get('dataset') or '?'} · {g.key.get('model') or '?'} · training ε {_train_eps(g.key)} · "
-                   f"{_points_text(g.key)} · {_seed_text(g.rows)}")
+        g.title = (f"{g.key.get('dataset') or '?'} · {g.key.get('model') or '?'} · "
+                   f"training ε {_train_eps(g.key)} · {_points_text(g.key)} · {_seed_text(g.rows)}")
         g.details = _details(g.key)
         g.slug = _slug(f"{g.key.get('dataset') or 'unknown'}_{g.key.get('model') or 'unknown'}_"
                        f"eps{_train_eps(g.key).replace('/', '-')}_n{g.key.get('n_examples') or 'all'}")

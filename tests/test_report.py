@@ -34,8 +34,8 @@ def metrics(strategy, seed, clean, robust, *, recorded=True, n=120, points="p120
          "attacks": {"eps_" + k.replace("/", "_"): {"seconds": 1.0 + seed, "broken_by": {}} for k in robust},
          "eval_seconds": 3.0 + seed, "train_seconds": 10.0}
     if recorded:
-        m.update(run=run_config(**run), points_digest=points,
-                 checkpoint_sha256=ckpt or hashlib.sha256(f"{strategy}{seed}{sorted(run.items())}".encode()).hexdigest()[:16])
+        ckpt = ckpt or hashlib.sha256(f"{strategy}{seed}{sorted(run.items())}".encode()).hexdigest()[:16]
+        m.update(run=run_config(**run), points_digest=points, checkpoint_sha256=ckpt)
     return m
 
 
