@@ -62,7 +62,8 @@ def test_workspace_and_applied_experiment_are_one_run():
     rows = rows_from_experiments([
         {"rev": "workspace", "typ": "baseline", "Experiment": None, "State": None},
         {"rev": "main", "typ": "baseline", "Experiment": None, "State": None},
-        {"rev": "a1b2c3", "typ": "branch_commit", "Experiment": "exp-sip-h", "State": "Success"},
+        # as dvc 3.67 lists a finished `dvc exp run` (a queued one that finished says "Success")
+        {"rev": "a1b2c3", "typ": "branch_base", "Experiment": "exp-sip-h", "State": None},
         {"rev": "d4e5f6", "typ": "branch_commit", "Experiment": "exp-queued", "State": "Queued"},
         {"rev": "0a0b0c", "typ": "branch_commit", "Experiment": "exp-failed", "State": "Failed"},
         {"rev": "9f9f9f", "typ": "branch_commit", "Experiment": "exp-not-evaluated", "State": "Success"},
