@@ -9,6 +9,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from pipeline.figures import plot_comparison
 from pipeline.report import (MISSING, compare, dedupe, load_metrics_dir, plot_path, rows_from_experiments,
                              table_cells, to_markdown)
 
@@ -138,7 +139,7 @@ def test_two_evaluation_subsets_and_training_budgets_are_not_averaged():
     assert len(groups) == 2 and "not recorded" in groups[0].details
 
 
-def test_eps_sets_differ_and_a_missing_eps_column_is_a_dash():
+def test_eps_sets_differ_and_a_missing_eps_column_is_a_dash(tmp_path):
     full = metrics("madry", 0, 0.9, {"4/255": 0.8, "8/255": 0.7})
     other_set = metrics("madry", 1, 0.9, {"8/255": 0.7}, eps=["8/255"])
     missing = metrics("trades", 0, 0.88, {"4/255": 0.82}, eps=EPS)  # evaluated at 8/255 but no result there
@@ -151,6 +152,9 @@ def test_eps_sets_differ_and_a_missing_eps_column_is_a_dash():
     assert cells[0][3] == ("70.00", True)
     assert any(MISSING in n for n in g.notes)
     assert f"| TRADES | 88.00 | **82.00** | {MISSING} | 1 |" in to_markdown(groups)
+    plot_comparison(g, tmp_path / "p.png")  # the missing point is a gap in the line
+    with Image.open(tmp_path / "p.png") as img:
+        assert img.format == "PNG"
 
 
 def test_different_seed_counts_and_strategy_parameters_are_flagged():
@@ -185,6 +189,9 @@ def metrics_dir(tmp_path):
     (d / "copy.json").write_text((d / "sub" / "sip_s-0.json").read_text())
     (d / "cifar.json").write_text(json.dumps(metrics("madry", 0, 0.5, {"4/255": 0.3, "8/255": 0.2},
                                                      dataset="cifar10", model="resnet18")))
+    # madry seed 0 trained again (another checkpoint): still one seed.
+    (d / "retrained.json").write_text(json.dumps(metrics("madry", 0, 0.5, {"4/255": 0.1, "8/255": 0.1},
+                                                         ckpt="0123456789abcdef")))
     teacher = dict(metrics("madry", 9, 0.1, {"8/255": 0.1}), role="teacher")
     (d / "teacher.json").write_text(json.dumps(teacher))
     (d / "junk.json").write_text("{not json")
@@ -209,6 +216,8 @@ def test_report_cli_writes_one_section_and_plot_per_group_and_prints_tables(metr
     text = " ".join(res.output.split())
     assert "digits · smallcnn · training ε 32/255 · 120 test points · 2 seeds" in text
     assert "cifar10 · resnet18" in text and "SIP-S" in text and "2 plot(s)" in text and "5 run(s)" in text
+    assert "warning: strategy madry seed 0: two different runs of the same configuration" in text
+    assert "madry-0.json" in text and "retrained.json" in text
 
 
 def test_report_cli_errors_clearly(tmp_path):
@@ -221,7 +230,7 @@ def test_report_cli_errors_clearly(tmp_path):
 
 def test_load_metrics_dir_skips_teachers_and_broken_files(metrics_dir):
     rows = load_metrics_dir(metrics_dir)
-    assert len(rows) == 6 and all(r["role"] == "student" for r in rows)
+    assert len(rows) == 7 and all(r["role"] == "student" for r in rows)
     assert {r["source"] for r in rows} >= {str(metrics_dir / "copy.json"), str(metrics_dir / "sub" / "sip_s-0.json")}
 
 
