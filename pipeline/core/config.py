@@ -70,15 +70,15 @@ class AttackConfig(_Strict):
 
 class ScheduleConfig(_Strict):
     kind: Literal["none", "multistep", "step"] = "multistep"
-    milestones: list[int] = Field(default_factory=list)
+    milestones: list[int] = Field(default_factory=lambda: [15])
     step_every: int = Field(10, ge=1)
     gamma: float = Field(0.1, gt=0.0, le=1.0)
 
 
 class OptimConfig(_Strict):
-    epochs: int = Field(10, ge=1)
+    epochs: int = Field(20, ge=1)
     batch_size: int = Field(64, ge=1)
-    lr: float = Field(0.01, gt=0.0)
+    lr: float = Field(0.05, gt=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(5e-4, ge=0.0)
     nesterov: bool = False
