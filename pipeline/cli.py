@@ -75,11 +75,10 @@ def _print_written(out: Path, attrs: dict[str, Any]) -> None:
 
 @masks_app.command("synthetic")
 def masks_synthetic(
-    checkpoint: Annotated[Path, typer.Option(help="robust teacher checkpoint")] = Path("data/teacher/model.pt"),
+    checkpoint: Annotated[Path, typer.Option(help="robust teacher checkpoint (e.g. data/teacher/model.pt)")],
+    out: Annotated[Path, typer.Option(help="store to write (replaced atomically)")],
     params: Annotated[Path, typer.Option(help="parameter file: dataset, data root, image size, salience")]
     = Path("params.yaml"),
-    out: Annotated[Path, typer.Option(help="store to write (replaced atomically)")]
-    = Path("data/masks/synthetic.zarr"),
     fraction: Annotated[Optional[float], typer.Option(help="share of the total |gradient| the mask must hold "
                                                            "[dim](default: salience.fraction)[/dim]")] = None,
     target: Annotated[Optional[TargetChoice], typer.Option(help="class whose loss is differentiated "
@@ -118,7 +117,7 @@ def masks_synthetic(
 def masks_human(
     root: Annotated[Path, typer.Option(help="CUB_200_2011 folder (with [bold]segmentations/[/bold] inside or "
                                             "beside it)")],
-    out: Annotated[Path, typer.Option(help="store to write (replaced atomically)")] = Path("data/masks/human.zarr"),
+    out: Annotated[Path, typer.Option(help="store to write (replaced atomically)")],
     image_size: Annotated[Optional[int], typer.Option(min=4, help="must match training "
                                                                   "[dim](default: data.image_size)[/dim]")] = None,
     threshold: Annotated[Optional[float], typer.Option(help="salient where value >= threshold × image maximum "
@@ -257,16 +256,33 @@ def masks_show(
 
 # =============================================================================================== report
 
+def _stage_metrics(stage: Optional[str] = None) -> list[Path]:
+    """The metrics files that dvc.yaml declares (of one stage, or of all): paths are written there only."""
+    import yaml
+
+    dvc_yaml = Path("dvc.yaml")
+    if not dvc_yaml.is_file():
+        raise FileNotFoundError("dvc.yaml not found: run this in the project's root, or name the metrics files")
+    stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {})
+    found = [Path(next(iter(m)) if isinstance(m, dict) else m)
+             for name, spec in stages.items() if stage in (None, name) for m in spec.get("metrics", [])]
+    if not found:
+        raise FileNotFoundError(f"dvc.yaml declares no metrics{f' for stage {stage!r}' if stage else ''}")
+    return found
+
+
 def _experiment_metrics(all_commits: bool) -> list[dict[str, Any]]:
     """Student metrics of the workspace, HEAD (or every commit) and their finished DVC experiments."""
     import dvc.api
 
-    from pipeline.report import STUDENT_METRICS, rows_from_experiments
+    from pipeline.report import rows_from_experiments
+
+    student = _stage_metrics("evaluate")[0]
 
     def read(rev: str) -> str:
         if rev == "workspace":
-            return Path(STUDENT_METRICS).read_text()
-        return dvc.api.read(STUDENT_METRICS, rev=rev)
+            return student.read_text()
+        return dvc.api.read(str(student), rev=rev)
 
     return rows_from_experiments(dvc.api.exp_show(num=-1 if all_commits else 1), read)
 
@@ -343,10 +359,10 @@ def metrics(
 ) -> None:
     """Clean and AutoAttack robust accuracy (%) of evaluated models, one row per metrics file
     ([bold]dvc metrics show[/bold] lists every key, including the per-attack breakdown)."""
-    from pipeline.report import STUDENT_METRICS, is_metrics, summary_table
+    from pipeline.report import is_metrics, summary_table
 
     with _errors():
-        paths = files or [Path("data/metrics/teacher.json"), Path(STUDENT_METRICS)]
+        paths = files or _stage_metrics()
         runs = {}
         for path in paths:
             if not path.is_file():

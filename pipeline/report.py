@@ -25,7 +25,6 @@ from pipeline.core.config import OptimConfig, StudentConfig, format_budget
 
 log = logging.getLogger(__name__)
 
-STUDENT_METRICS = "data/metrics/student.json"
 
 # Row order of the paper's tables; unknown strategies follow alphabetically.
 STRATEGY_ORDER = ["basic", "madry", "trades", "fat", "part", "sip_h", "sip_s"]
