@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.core.errors import ConfigError  # noqa: F401  (re-exported: callers import it from here)
 
@@ -46,7 +46,8 @@ Budget = Annotated[float, BeforeValidator(parse_budget), Field(ge=0.0, le=1.0)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    # allow_inf_nan=False: `lr: .inf` or `eps: .nan` is a typo, never a setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
 
 
 class DataConfig(_Strict):
@@ -67,12 +68,26 @@ class AttackConfig(_Strict):
     steps: int = Field(10, ge=1)
     random_start: bool = True
 
+    @model_validator(mode="after")
+    def _step_within_budget(self) -> "AttackConfig":
+        if self.step_size > self.eps:
+            raise ValueError(f"step_size {format_budget(self.step_size)} is larger than eps "
+                             f"{format_budget(self.eps)}: a step may not exceed its budget")
+        return self
+
 
 class ScheduleConfig(_Strict):
     kind: Literal["none", "multistep", "step"] = "multistep"
     milestones: list[int] = Field(default_factory=list)
     step_every: int = Field(10, ge=1)
     gamma: float = Field(0.1, gt=0.0, le=1.0)
+
+    @field_validator("milestones")
+    @classmethod
+    def _non_negative(cls, v: list[int]) -> list[int]:
+        if any(m < 0 for m in v):
+            raise ValueError(f"milestones are epochs and cannot be negative, got {v}")
+        return v
 
 
 class OptimConfig(_Strict):
