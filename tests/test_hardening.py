@@ -66,7 +66,7 @@ def test_human_masks_out_onto_the_dataset_tree_is_refused(tmp_path):
     before = tree_files(root)
     r = cli("masks", "human", "--root", root, "--image-size", "8", "--out", root, "--params", tmp_path / "none.yaml",
             "-q")
-    assert r.exit_code == 1 and "folder with contents this project did not write" in r.text
+    assert r.exit_code == 1 and "folder with files this project did not write" in r.text
     assert tree_files(root) == before
 
 
@@ -390,7 +390,7 @@ def test_ctrl_c_is_one_line():
 @pytest.mark.parametrize("raw,key", [
     ({"train": {"lr": ".inf"}}, "train.lr"),
     ({"teacher": {"momentum": "nan"}}, "teacher.momentum"),
-    ({"attack": {"eps": "4/255", "step_size": "8/255"}}, "step_size 8/255 is larger than eps 4/255"),
+    ({"attack": {"eps": "4/255", "step_size": "8/255"}}, "attack.step_size: Value error, 8/255 is larger than eps 4/255"),
     ({"teacher": {"schedule": {"milestones": [-3]}}}, "teacher.schedule.milestones"),
 ])
 def test_config_rejects_non_finite_steps_above_budget_and_negative_milestones(raw, key):

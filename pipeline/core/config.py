@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo,
+                      field_validator)
 
 from pipeline.core.errors import ConfigError  # noqa: F401  (re-exported: callers import it from here)
 
@@ -64,16 +65,18 @@ class AttackConfig(_Strict):
     """Training-time L-inf PGD budget (also the teacher's)."""
 
     eps: Budget = parse_budget("32/255")
-    step_size: Budget = parse_budget("8/255")
+    step_size: Budget = Field(parse_budget("8/255"), validate_default=True)
     steps: int = Field(10, ge=1)
     random_start: bool = True
 
-    @model_validator(mode="after")
-    def _step_within_budget(self) -> "AttackConfig":
-        if self.step_size > self.eps:
-            raise ValueError(f"step_size {format_budget(self.step_size)} is larger than eps "
-                             f"{format_budget(self.eps)}: a step may not exceed its budget")
-        return self
+    @field_validator("step_size")
+    @classmethod
+    def _step_within_budget(cls, v: float, info: ValidationInfo) -> float:
+        eps = info.data.get("eps")  # absent when eps itself was invalid: that error is reported instead
+        if eps is not None and v > eps:
+            raise ValueError(f"{format_budget(v)} is larger than eps {format_budget(eps)}: a step may not exceed "
+                             f"its budget")
+        return v
 
 
 class ScheduleConfig(_Strict):

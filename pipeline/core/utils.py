@@ -99,10 +99,11 @@ def _check_owned(final: Path, is_dir: bool, kind: Optional[str], owned: Optional
             return  # an empty folder: nothing to lose
         if is_dir and (owned(final) if owned is not None else is_sipat_store(final)):
             return
-        what = "output folder" if is_dir else _KIND_NAMES.get(kind or "", "file")
-        raise OutputConflict(f"{final} is a folder with contents this project did not write (expected "
-                             f"{'a ' + what if is_dir else 'a ' + what + ', not a folder'}); move it away or "
-                             f"choose another output path")
+        if is_dir:
+            raise OutputConflict(f"{final} is a folder with files this project did not write; move it away or "
+                                 f"choose another output path")
+        raise OutputConflict(f"{final} is a folder with files in it, not a {_KIND_NAMES.get(kind or '', 'file')} "
+                             f"this project wrote; move it away or choose another output path")
     if is_dir:
         raise OutputConflict(f"{final} is a file, but a folder is to be written there; move it away or choose "
                              f"another output path")

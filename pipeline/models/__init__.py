@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -78,10 +79,17 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        zipped = f.read(4) == b"PK\x03\x04"  # torch.save's container
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many types for a damaged or foreign file
-        raise CheckpointError(f"{path}: cannot be read as a checkpoint ({_first_line(err)})") from None
+        if not zipped:
+            raise CheckpointError(f"{path}: not a PyTorch checkpoint (unrecognised content)") from None
+        if isinstance(err, pickle.UnpicklingError):  # torch's own text would suggest weights_only=False
+            raise CheckpointError(f"{path}: holds objects other than tensors and plain data; not a checkpoint "
+                                  f"written by this project") from None
+        raise CheckpointError(f"{path}: damaged or truncated checkpoint ({_first_line(err)})") from None
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         what = ("a bare state_dict" if isinstance(blob, dict) and blob and
                 all(isinstance(v, torch.Tensor) for v in blob.values()) else type(blob).__name__)
@@ -94,11 +102,24 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
         raise CheckpointError(f"{path}: unknown architecture {meta['arch']!r}; known: {MODELS.names()}")
     try:
         model = build_model(meta["arch"], int(meta["num_classes"]), meta["mean"], meta["std"], pretrained=False)
-        model.load_state_dict(state)
     except (RuntimeError, ValueError, TypeError) as err:
-        raise CheckpointError(f"{path}: weights do not fit architecture {meta['arch']!r} with "
-                              f"{meta['num_classes']} classes ({_first_line(err)})") from None
+        raise CheckpointError(f"{path}: cannot build {meta['arch']!r} from its meta ({_first_line(err)})") from None
+    misfit = _state_misfit(model.state_dict(), state)
+    if misfit:
+        raise CheckpointError(f"{path}: weights do not fit architecture {meta['arch']!r} with {meta['num_classes']} "
+                              f"classes: {misfit}")
+    model.load_state_dict(state)
     return model.to(device).eval(), meta
+
+
+def _state_misfit(want: dict[str, torch.Tensor], have: dict[str, Any]) -> str:
+    """Which tensors a state_dict lacks, has in excess or has in another shape; empty when it fits."""
+    missing = [k for k in want if k not in have]
+    extra = [k for k in have if k not in want]
+    shape = [k for k in want if k in have and (not isinstance(have[k], torch.Tensor) or have[k].shape != want[k].shape)]
+    parts = [f"{len(keys)} {what} (e.g. {keys[0]})" for keys, what in
+             ((missing, "missing"), (extra, "unexpected"), (shape, "of another shape")) if keys]
+    return ", ".join(parts)
 
 
 def check_checkpoint_matches(meta: dict[str, Any], dataset, path: str | Path) -> None:
