@@ -33,6 +33,9 @@ def _errors() -> Iterator[None]:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         err_console.print(f"[bold red]error:[/bold red] {escape(str(msg))}", soft_wrap=True)
         raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        err_console.print("[bold red]interrupted:[/bold red] nothing was written to the output")
+        raise typer.Exit(130) from None
 
 
 # ================================================================================================ masks

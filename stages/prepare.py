@@ -11,11 +11,7 @@ import json
 import logging
 from pathlib import Path
 
-from pipeline.core.config import load_config
 from pipeline.core.errors import DatasetError, expected_errors
-from pipeline.core.utils import atomic_path, setup_logging, write_json
-from pipeline.data import content_fingerprint, load_dataset
-from pipeline.data.digits import write_digits_cub
 
 log = logging.getLogger("stages.prepare")
 
@@ -35,8 +31,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="folder to write (the embedded data set and a manifest)")
     args = parser.parse_args()
-    setup_logging()
-    with expected_errors():
+    with expected_errors():  # imports inside: Ctrl-C while torch loads is one line too
+        from pipeline.core.config import load_config
+        from pipeline.core.utils import atomic_path, setup_logging, write_json
+        from pipeline.data import content_fingerprint, load_dataset
+        from pipeline.data.digits import write_digits_cub
+
+        setup_logging()
         cfg = load_config()
         with atomic_path(args.out, is_dir=True, owned=is_prepared) as tmp:
             summary = {"dataset": cfg.dataset}
