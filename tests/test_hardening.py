@@ -397,3 +397,42 @@ def test_config_rejects_non_finite_steps_above_budget_and_negative_milestones(ra
     raw = yaml.safe_load(yaml.safe_dump(raw).replace("'.inf'", ".inf").replace("'nan'", ".nan"))
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         config_from_dict(raw)
+
+
+def test_ctrl_c_in_the_cli_is_one_line():
+    import typer
+
+    from pipeline.cli import _errors
+
+    with pytest.raises(typer.Exit) as exc:
+        with _errors():
+            raise KeyboardInterrupt
+    assert exc.value.exit_code == 130
+
+
+def test_prepare_manifest_follows_the_data_and_replaces_only_its_own_output(tmp_path, monkeypatch):
+    import importlib
+
+    root = make_cub_tree(tmp_path / "CUB_200_2011")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"dataset": "cub", "data": {"root": str(root), "image_size": 8}}))
+    monkeypatch.chdir(tmp_path)
+    prepare = importlib.import_module("stages.prepare")
+
+    def run() -> dict:
+        monkeypatch.setattr(sys, "argv", ["prepare", "--out", "prepared"])
+        prepare.main()
+        return json.loads((tmp_path / "prepared" / "manifest.json").read_text())
+
+    first = run()
+    assert run() == first  # unchanged data: byte-identical manifest, so DVC reruns nothing after it
+    img = sorted((root / "images").rglob("*.jpg"))
+    shutil.copy(img[1], img[0])
+    changed = run()
+    assert changed["content"]["sha256"] != first["content"]["sha256"]
+    assert changed["train_fingerprint"] == first["train_fingerprint"]  # sample order alone would miss it
+    shutil.rmtree(tmp_path / "prepared")
+    (tmp_path / "prepared").mkdir()
+    (tmp_path / "prepared" / "mine.txt").write_text("x")
+    with pytest.raises(SystemExit, match="folder with files this project did not write"):
+        run()
+    assert (tmp_path / "prepared" / "mine.txt").exists()

@@ -298,6 +298,9 @@ class MaskStore:
                     f"mask store {path} was made for another dataset, split, image size or sample order than "
                     f"{dataset.name}/{dataset.split} at {dataset.image_size}px; regenerate it. Differences: "
                     + "; ".join(diffs))
+        unknown = set(expect or {}) - {"teacher_sha256"}
+        if unknown:
+            raise ValueError(f"MaskStore.open: unknown expectation(s) {sorted(unknown)}")
         want_teacher = (expect or {}).get("teacher_sha256")
         have_teacher = (attrs.get("teacher") or {}).get("sha256")
         if want_teacher is not None and have_teacher != want_teacher:
