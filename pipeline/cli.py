@@ -33,6 +33,9 @@ def _errors() -> Iterator[None]:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         err_console.print(f"[bold red]error:[/bold red] {escape(str(msg))}", soft_wrap=True)
         raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        err_console.print("[bold red]interrupted:[/bold red] nothing was written to the output")
+        raise typer.Exit(130) from None
 
 
 # ================================================================================================ masks
@@ -167,10 +170,11 @@ def _fmt(value: Any) -> str:
 @masks_app.command("inspect")
 def masks_inspect(store: Annotated[Path, typer.Argument(help="a mask store (.zarr folder)")]) -> None:
     """Shape, provenance and coverage of a mask store."""
-    from pipeline.maskstore import read_store_attrs, store_disk_bytes
+    from pipeline.maskstore import read_store_attrs, store_disk_bytes, verify_store
 
     with _errors():
         attrs, packed_shape = read_store_attrs(store)
+        scan, problems = verify_store(store)  # reads every chunk: missing or damaged ones are reported
     n, shape = attrs.get("n", 0), attrs.get("image_shape", [])
     elements = n * (shape[0] * shape[1] * shape[2] if len(shape) == 3 else 0)
     disk = store_disk_bytes(store)
@@ -197,11 +201,17 @@ def masks_inspect(store: Annotated[Path, typer.Argument(help="a mask store (.zar
         table.add_row("salient fraction", "  ".join(f"{k} {cov[k]:.3f}" for k in
                                                     ("mean", "min", "p5", "p25", "p50", "p75", "p95", "max")
                                                     if k in cov))
-        table.add_row("empty masks", str(cov.get("empty", 0)))
+        table.add_row("empty masks", f"{scan['empty_masks']} (recorded when written: {cov.get('empty', '?')})")
     if attrs.get("counts"):
         table.add_row("counts", _fmt(attrs["counts"]))
     table.add_row("format", str(attrs.get("format")))
+    table.add_row("integrity", f"[red]{escape('; '.join(problems))}[/red]" if problems
+                  else f"{scan['chunks']} chunk(s), all present and decodable")
     console.print(table)
+    if problems:
+        err_console.print(f"[bold red]error:[/bold red] mask store {escape(str(store))} is damaged: "
+                          f"{escape('; '.join(problems))}", soft_wrap=True)
+        raise typer.Exit(1)
 
 
 def _reload_dataset(store: Path, attrs: dict[str, Any], root: Optional[Path]):

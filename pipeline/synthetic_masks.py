@@ -165,9 +165,10 @@ def synthetic_masks(model: nn.Module, dataset: ImageDataset, *, fraction: float 
 def _load_teacher(checkpoint: Path, dataset: ImageDataset, device: torch.device, *, root, fraction: float,
                   target: Target, warn: bool) -> tuple[nn.Module, dict[str, Any]]:
     """The teacher on `device`, checked against `dataset`, and the attributes of a store made from it."""
-    from pipeline.models import load_checkpoint
+    from pipeline.models import check_checkpoint_matches, load_checkpoint
 
     model, meta = load_checkpoint(checkpoint, device)
+    check_checkpoint_matches(meta, dataset, checkpoint)
     if meta.get("num_classes") not in (None, dataset.num_classes):
         raise DatasetError(f"teacher {checkpoint} has {meta['num_classes']} classes but dataset {dataset.name!r} "
                            f"has {dataset.num_classes}: was it trained on another dataset?")

@@ -1,28 +1,45 @@
 """Stage `prepare`: materialise the embedded default (digits as a CUB tree) or check a real dataset's root.
 
     python -m stages.prepare --out data/prepared
+
+Every image is decoded once (unreadable ones are named together), and the manifest records a content
+fingerprint of every file the dataset reads: a DVC output, so that replaced data reruns every stage after it.
 """
 
 import argparse
+import json
 import logging
+from pathlib import Path
 
-from pipeline.core.config import load_config
-from pipeline.core.errors import expected_errors
-from pipeline.core.utils import atomic_path, setup_logging, write_json
-from pipeline.data import load_dataset
-from pipeline.data.digits import write_digits_cub
+from pipeline.core.errors import DatasetError, expected_errors
 
 log = logging.getLogger("stages.prepare")
+
+MANIFEST = "manifest.json"
+
+
+def is_prepared(path: Path) -> bool:
+    """A folder this stage wrote: it holds a manifest with the keys written below."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and {"dataset", "content"} <= manifest.keys()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="folder to write (the embedded data set and a manifest)")
     args = parser.parse_args()
-    setup_logging()
-    with expected_errors():
+    with expected_errors():  # imports inside: Ctrl-C while torch loads is one line too
+        from pipeline.core.config import load_config
+        from pipeline.core.utils import atomic_path, setup_logging, write_json
+        from pipeline.data import content_fingerprint, load_dataset
+        from pipeline.data.digits import write_digits_cub
+
+        setup_logging()
         cfg = load_config()
-        with atomic_path(args.out, is_dir=True) as tmp:
+        with atomic_path(args.out, is_dir=True, owned=is_prepared) as tmp:
             summary = {"dataset": cfg.dataset}
             if cfg.dataset == "digits":
                 summary.update(write_digits_cub(tmp / "digits_cub"))
@@ -30,13 +47,19 @@ def main() -> None:
             else:
                 root = cfg.data.root
             splits = {s: load_dataset(cfg.dataset, root, s, cfg.data.image_size) for s in ("train", "test")}
+            unreadable = [msg for ds in splits.values() for msg in ds.unreadable_images()]
+            if unreadable:
+                shown = "; ".join(unreadable[:5]) + (f"; ... and {len(unreadable) - 5} more" if len(unreadable) > 5
+                                                     else "")
+                raise DatasetError(f"{len(unreadable)} image(s) cannot be decoded: {shown}")
             for name, ds in splits.items():
                 summary[f"{name}_images"] = len(ds)
                 summary[f"{name}_fingerprint"] = ds.fingerprint()
             summary["classes"] = splits["train"].num_classes
             summary["image_shape"] = list(splits["train"].image_shape)
             summary["has_segmentations"] = splits["train"].has_segmentations
-            write_json(tmp / "manifest.json", summary)
+            summary["content"] = content_fingerprint(list(splits.values()))
+            write_json(tmp / MANIFEST, summary)
     log.info("prepared %s: %s", cfg.dataset, summary)
 
 

@@ -201,7 +201,7 @@ def test_extract_synthetic_records_provenance(cub, tmp_path):
     assert attrs["counts"]["zero_gradient"] == 0
     store = MaskStore.open(tmp_path / "s.zarr", dataset=cub, kind="synthetic")
     assert 0.0 < store.attrs["coverage"]["mean"] < 0.3 + 1e-6
-    with pytest.raises(DatasetError, match="classes"):
+    with pytest.raises(CheckpointError, match="classes"):
         extract_synthetic(save_tiny_checkpoint(tmp_path / "t5.pt", num_classes=5), cub, tmp_path / "x.zarr",
                           device="cpu", progress=False)
     assert not (tmp_path / "x.zarr").exists()

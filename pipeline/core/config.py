@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo,
+                      field_validator)
 
 from pipeline.core.errors import ConfigError  # noqa: F401  (re-exported: callers import it from here)
 
@@ -46,7 +47,8 @@ Budget = Annotated[float, BeforeValidator(parse_budget), Field(ge=0.0, le=1.0)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    # allow_inf_nan=False: `lr: .inf` or `eps: .nan` is a typo, never a setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
 
 
 class DataConfig(_Strict):
@@ -63,9 +65,18 @@ class AttackConfig(_Strict):
     """Training-time L-inf PGD budget (also the teacher's)."""
 
     eps: Budget = parse_budget("32/255")
-    step_size: Budget = parse_budget("8/255")
+    step_size: Budget = Field(parse_budget("8/255"), validate_default=True)
     steps: int = Field(10, ge=1)
     random_start: bool = True
+
+    @field_validator("step_size")
+    @classmethod
+    def _step_within_budget(cls, v: float, info: ValidationInfo) -> float:
+        eps = info.data.get("eps")  # absent when eps itself was invalid: that error is reported instead
+        if eps is not None and v > eps:
+            raise ValueError(f"{format_budget(v)} is larger than eps {format_budget(eps)}: a step may not exceed "
+                             f"its budget")
+        return v
 
 
 class ScheduleConfig(_Strict):
@@ -73,6 +84,13 @@ class ScheduleConfig(_Strict):
     milestones: list[int] = Field(default_factory=lambda: [15])
     step_every: int = Field(10, ge=1)
     gamma: float = Field(0.1, gt=0.0, le=1.0)
+
+    @field_validator("milestones")
+    @classmethod
+    def _non_negative(cls, v: list[int]) -> list[int]:
+        if any(m < 0 for m in v):
+            raise ValueError(f"milestones are epochs and cannot be negative, got {v}")
+        return v
 
 
 class OptimConfig(_Strict):

@@ -8,13 +8,18 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
+
+from pipeline.core.errors import ConfigError, OutputConflict
 
 log = logging.getLogger("sipat")
 
@@ -26,9 +31,12 @@ def setup_logging(level: int = logging.INFO) -> None:
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device: {name!r} is not a device name (auto, cpu, cuda, cuda:N)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available on this machine")
+        raise ConfigError(f"device: {name!r} requested but CUDA is not available on this machine (use auto or cpu)")
     return dev
 
 
@@ -39,20 +47,144 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-@contextlib.contextmanager
-def atomic_path(final: str | Path, *, is_dir: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling path; rename it onto `final` only if the block finishes.
+# Kinds of file this project writes, told apart by their first bytes (or, for JSON and text, by parsing).
+_SUFFIX_KINDS = {".png": "png", ".pt": "torch", ".pth": "torch", ".json": "json", ".md": "text"}
+_KIND_NAMES = {"png": "PNG image", "torch": "PyTorch checkpoint", "json": "JSON file", "text": "text file"}
+# mkdtemp names: prefix, 8 characters from this alphabet, suffix (see tempfile._RandomNameSequence).
+_TMP_RANDOM = "[a-z0-9_]{8}"
+_OWNER_FILE = ".sipat-owner"
 
-    An interrupted write leaves no file at `final` that DVC could cache as a finished output.
+
+def _sniff(path: Path) -> Optional[str]:
+    """The kind of a regular file this project could have written, or None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if head.startswith(b"\x89PNG\r\n\x1a\n"):
+                return "png"
+            if head.startswith(b"PK\x03\x04"):  # torch.save's zip container
+                return "torch"
+            f.seek(0)
+            data = f.read(64 << 20)
+    except OSError:
+        return None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    try:
+        json.loads(text)
+        return "json"
+    except ValueError:
+        return "text"
+
+
+def is_sipat_store(path: Path) -> bool:
+    """A Zarr array whose attributes carry this project's format tag."""
+    try:
+        meta = json.loads((Path(path) / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and str(meta.get("attributes", {}).get("format", "")).startswith("sipat-")
+
+
+def _check_owned(final: Path, is_dir: bool, kind: Optional[str], owned: Optional[Callable[[Path], bool]]) -> None:
+    """Refuse (OutputConflict) to replace anything at `final` that this project did not write there."""
+    if not (final.exists() or final.is_symlink()):
+        return
+    if final.is_symlink() and not final.exists():
+        return  # a dangling link: removing it loses nothing
+    if final.is_dir():
+        if not any(final.iterdir()):
+            return  # an empty folder: nothing to lose
+        if is_dir and (owned(final) if owned is not None else is_sipat_store(final)):
+            return
+        if is_dir:
+            raise OutputConflict(f"{final} is a folder with files this project did not write; move it away or "
+                                 f"choose another output path")
+        raise OutputConflict(f"{final} is a folder with files in it, not a {_KIND_NAMES.get(kind or '', 'file')} "
+                             f"this project wrote; move it away or choose another output path")
+    if is_dir:
+        raise OutputConflict(f"{final} is a file, but a folder is to be written there; move it away or choose "
+                             f"another output path")
+    expected = kind or _SUFFIX_KINDS.get(final.suffix.lower())
+    found = _sniff(final)
+    if found is None or (expected is not None and found != expected) or (expected is None and found == "text"):
+        desc = _KIND_NAMES.get(expected or "", "file this project writes")
+        raise OutputConflict(f"{final} exists and is not a {desc} written by this project "
+                             f"({'unrecognised content' if found is None else 'it holds a ' + _KIND_NAMES[found]}"
+                             f"); move it away or choose another output path")
+
+
+def _alive(owner: Path) -> bool:
+    """Whether the process that created a temporary folder (pid and host in `owner`) may still be writing."""
+    try:
+        host, pid = owner.read_text().split()
+        pid_n = int(pid)
+    except (OSError, ValueError):
+        try:  # no owner record: stale unless it was created a moment ago and is being set up now
+            return time.time() - owner.parent.stat().st_mtime < 60
+        except OSError:
+            return False
+    if host != socket.gethostname():
+        return True  # another machine's process: not ours to judge
+    if pid_n == os.getpid():
+        return False  # a killed process whose pid this one reuses (common in containers)
+    try:
+        os.kill(pid_n, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temps(final: str | Path) -> list[Path]:
+    """Remove temporary folders that an earlier, killed write of `final` left beside it (`.NAME.XXXXXXXX.tmp`).
+
+    Only folders with exactly this project's temporary naming for this output are touched, and only when the
+    process that made them is gone. Returns the folders removed.
     """
     final = Path(final)
+    if not final.parent.is_dir():
+        return []
+    pattern = re.compile(rf"^\.{re.escape(final.name)}\.{_TMP_RANDOM}\.tmp$")
+    removed = []
+    for cand in final.parent.iterdir():
+        if not pattern.match(cand.name) or cand.is_symlink() or not cand.is_dir():
+            continue
+        if _alive(cand / _OWNER_FILE):
+            continue
+        shutil.rmtree(cand, ignore_errors=True)
+        removed.append(cand)
+    if removed:
+        log.info("removed %d temporary folder(s) left by an interrupted write of %s", len(removed), final)
+    return removed
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | Path, *, is_dir: bool = False, kind: Optional[str] = None,
+                owned: Optional[Callable[[Path], bool]] = None) -> Iterator[Path]:
+    """Yield a temporary sibling path; rename it onto `final` only if the block finishes.
+
+    An interrupted write leaves no file at `final` that DVC could cache as a finished output. Whatever is at
+    `final` is replaced only if this project wrote it, checked before the block runs: a folder must satisfy
+    `owned` (default: a mask store of this project) or be empty; a file must be of `kind` ("png", "torch",
+    "json", "text"; default: from the suffix), else OutputConflict. Temporary folders of earlier killed writes
+    of `final` are removed first.
+    """
+    final = Path(final)
+    _check_owned(final, is_dir, kind, owned)
     final.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    (tmp / _OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}\n")
     target = tmp / final.name
     if is_dir:
         target.mkdir()
     try:
         yield target
+        _check_owned(final, is_dir, kind, owned)  # something may have appeared there meanwhile
         if final.is_dir() and not final.is_symlink():
             shutil.rmtree(final)
         elif final.exists() or final.is_symlink():

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
@@ -94,6 +96,67 @@ class ImageDataset(torch.utils.data.Dataset):
     def segmentation_path(self, i: int) -> Path:
         raise DatasetError(f"dataset {self.name!r} has no human segmentations")
 
+    def source_files(self) -> dict[str, Path]:
+        """Every file this split reads, by a name relative to the dataset root (for `content_fingerprint`)."""
+        return {}
+
+    def unreadable_images(self, workers: Optional[int] = None, progress: bool = True) -> list[str]:
+        """Decode every image once; the messages of those that fail (an empty list when all decode)."""
+        if self._cache is not None:
+            return []  # already decoded into memory
+
+        def one(i: int) -> Optional[str]:
+            try:
+                self._load(i)
+            except DatasetError as err:
+                return str(err)
+            return None
+
+        # Image decoding releases the GIL, so threads overlap the per-file work.
+        with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
+            results = list(tqdm(pool.map(one, range(len(self))), total=len(self), unit="img", leave=False,
+                                desc=f"decode {self.name}/{self.split}", disable=not progress))
+        return [r for r in results if r is not None]
+
+
+def inside(base: str | Path, rel: str | Path, where: str) -> Path:
+    """`base / rel` with every symlink followed; DatasetError naming `where` unless it lies inside `base`.
+
+    Index files are input like any other: an entry may not reach files outside the dataset (an absolute path,
+    `..`, or a symlink out of the tree).
+    """
+    real_base = os.path.realpath(base)
+    path = os.path.realpath(os.path.join(real_base, rel))
+    if os.path.commonpath([real_base, path]) != real_base:
+        raise DatasetError(f"{where}: {str(rel)!r} leads outside {base} (to {path}); dataset paths must stay "
+                           f"inside the dataset root")
+    return Path(path)
+
+
+def content_fingerprint(datasets: Sequence[ImageDataset], progress: bool = True) -> dict:
+    """Names, sizes and SHA-256 of every file the datasets read, and one digest over them all.
+
+    This is what changes when a file under the dataset root is replaced, unlike `ImageDataset.fingerprint`
+    (sample order only).
+    """
+    files: dict[str, Path] = {}
+    for ds in datasets:
+        files.update(ds.source_files())
+    h = hashlib.sha256()
+    total = 0
+    for name in tqdm(sorted(files), desc="hash dataset files", unit="file", leave=False, disable=not progress):
+        path = files[name]
+        fh = hashlib.sha256()
+        try:
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    fh.update(block)
+                    total += len(block)
+        except OSError as err:
+            raise DatasetError(f"cannot read {path}: {err.strerror or err}") from None
+        h.update(f"{name}\0{fh.hexdigest()}\n".encode())
+    return {"files": len(files), "bytes": total, "sha256": h.hexdigest()}
+
 
 @dataclass(frozen=True)
 class DatasetSpec:
@@ -111,6 +174,13 @@ def load_dataset(name: str, root: Optional[str], split: str, image_size: int) ->
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     return spec.factory(root or spec.default_root, split, image_size)
+
+
+def split_fingerprints(dataset: ImageDataset, root: Optional[str]) -> dict[str, str]:
+    """Sample-order fingerprints of both splits of `dataset`'s data (the other split is loaded to get it)."""
+    other = "test" if dataset.split == "train" else "train"
+    return {dataset.split: dataset.fingerprint(),
+            other: load_dataset(dataset.name, root, other, dataset.image_size).fingerprint()}
 
 
 def train_val_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

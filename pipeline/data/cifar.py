@@ -22,14 +22,36 @@ CIFAR_MEAN = {"cifar10": (0.4914, 0.4822, 0.4465), "cifar100": (0.5071, 0.4865, 
 CIFAR_STD = {"cifar10": (0.2470, 0.2435, 0.2616), "cifar100": (0.2673, 0.2564, 0.2762)}
 
 
+# The only callables a CIFAR pickle needs: numpy's array reconstruction (under numpy 1 and numpy 2 names) and,
+# for bytes pickled by Python 3 at protocol 2, `_codecs.encode`. Dicts, lists, str, bytes and int need none.
+_ALLOWED = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Refuses every global outside `_ALLOWED`: a crafted file cannot run code when it is loaded."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _ALLOWED:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}: a CIFAR file holds only arrays, lists, "
+                                         f"dicts, strings and numbers")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="latin1")
+            obj = _CifarUnpickler(f, encoding="latin1").load()
     except FileNotFoundError:
         raise DatasetError(f"missing CIFAR file {path}") from None
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means a damaged file
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means a damaged or crafted file
         raise DatasetError(f"cannot read CIFAR file {path}: {err}") from None
+    if not isinstance(obj, dict):
+        raise DatasetError(f"{path}: expected a dict, got {type(obj).__name__}")
+    return obj
 
 
 class CIFARDataset(ImageDataset):
@@ -48,6 +70,7 @@ class CIFARDataset(ImageDataset):
         missing = [f for f in files + [meta_file] if not (base / f).is_file()]
         if missing:
             raise DatasetError(f"{name}: {base} lacks {', '.join(missing)}. {how}")
+        self._files = {f"{folder}/{f}": base / f for f in files + [meta_file]}
         data, labels, ids = [], [], []
         for fname in files:
             entry = _unpickle(base / fname)
@@ -59,7 +82,10 @@ class CIFARDataset(ImageDataset):
             data.append(arr.reshape(-1, 3, 32, 32))
             labels.extend(int(v) for v in entry[label_key])
             ids.extend(f"{fname}:{r}" for r in range(arr.shape[0]))
-        self.class_names = list(_unpickle(base / meta_file)[names_key])
+        meta = _unpickle(base / meta_file)
+        if names_key not in meta:
+            raise DatasetError(f"{base / meta_file}: expected key {names_key!r}")
+        self.class_names = [str(c) for c in meta[names_key]]
         self.labels = np.asarray(labels, dtype=np.int64)
         if self.labels.size and (self.labels.min() < 0 or self.labels.max() >= len(self.class_names)):
             raise DatasetError(f"{base}: labels outside 0..{len(self.class_names) - 1}")
@@ -72,6 +98,9 @@ class CIFARDataset(ImageDataset):
 
     def _load(self, i: int) -> torch.Tensor:
         return self._cache[i]
+
+    def source_files(self) -> dict[str, Path]:
+        return dict(self._files)
 
 
 def _factory(name: str):

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.data import DATASETS, DatasetError, DatasetSpec, ImageDataset
+from pipeline.data import DATASETS, DatasetError, DatasetSpec, ImageDataset, inside
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -81,6 +81,8 @@ class CUBDataset(ImageDataset):
         keep = sorted(k for k in images if is_train[k] == want_train)
         self.image_ids = keep
         self.relpaths = [images[k] for k in keep]
+        index = self.root / "images.txt"
+        self.image_paths = [inside(self.root / "images", images[k], f"{index}: image {k}") for k in keep]
         self.ids = [f"{k}:{images[k]}" for k in keep]
         class_ids = [c for c, _ in classes]
         if class_ids != list(range(1, len(classes) + 1)):
@@ -96,7 +98,7 @@ class CUBDataset(ImageDataset):
         self.has_segmentations = self.seg_root is not None
 
     def _load(self, i: int) -> torch.Tensor:
-        path = self.root / "images" / self.relpaths[i]
+        path = self.image_paths[i]
         try:
             with Image.open(path) as img:
                 return resize_uint8(img, self.image_size, "RGB")  # a few CUB images are grayscale
@@ -109,7 +111,18 @@ class CUBDataset(ImageDataset):
         if self.seg_root is None:
             raise DatasetError(
                 f"{self.name}: no segmentations/ folder in {self.root} or {self.root.parent}. {HOW_TO_GET}")
-        return (self.seg_root / self.relpaths[i]).with_suffix(".png")
+        rel = Path(self.relpaths[i]).with_suffix(".png")
+        return inside(self.seg_root, rel, f"{self.name}/{self.split}[{i}] segmentation")
+
+    def source_files(self) -> dict[str, Path]:
+        files = {name: self.root / name for name in INDEX_FILES}
+        files.update((f"images/{rel}", path) for rel, path in zip(self.relpaths, self.image_paths))
+        if self.seg_root is not None:
+            for i, rel in enumerate(self.relpaths):
+                seg = self.segmentation_path(i)
+                if seg.is_file():  # absent ones are human_masks.missing's business
+                    files[f"segmentations/{Path(rel).with_suffix('.png')}"] = seg
+        return files
 
 
 def _cub(root: Optional[str], split: str, image_size: int) -> ImageDataset:

@@ -16,7 +16,7 @@ from pipeline.core.config import Config, format_budget
 from pipeline.core.utils import resolve_device, seed_everything, write_json
 from pipeline.data import load_dataset
 from pipeline.evaluation import evaluate_model, select_examples, stack_examples
-from pipeline.models import load_checkpoint
+from pipeline.models import check_checkpoint_matches, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ def evaluate_run(cfg: Config, checkpoint: str | Path, out: str | Path, *, device
     seed_everything(cfg.evaluate.seed)
     model, meta = load_checkpoint(checkpoint, device)
     ds = load_dataset(cfg.dataset, cfg.data.root, "test", cfg.data.image_size)
+    check_checkpoint_matches(meta, ds, checkpoint)
     ev = cfg.evaluate
     eps_list = sorted(eps or ev.eps)
     idx = select_examples(ds, ev.n_examples, ev.seed)

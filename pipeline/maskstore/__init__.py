@@ -132,6 +132,78 @@ def _open_array(path: Path):
     return arr, attrs
 
 
+_POPCOUNT = np.array([bin(v).count("1") for v in range(256)], dtype=np.int64)
+
+
+def _chunk_key(arr, i: int) -> str:
+    return arr.metadata.encode_chunk_key((i, 0))
+
+
+def scan_chunks(path: Path, arr, *, keep: bool = False) -> tuple[dict[str, Any], Optional[np.ndarray]]:
+    """Read every chunk of a store once.
+
+    Returns a report (`missing` and `corrupt` chunk keys, and over the readable chunks the `empty_masks` and
+    `salient_elements` totals) and, with `keep`, the packed array itself. A chunk file that is absent would
+    read back as zeros (Zarr's fill value), so presence is checked on disk rather than through Zarr.
+    """
+    n, width = (int(s) for s in arr.shape)
+    rows_per = int(arr.chunks[0])
+    out = np.zeros((n, width), dtype=np.uint8) if keep else None
+    missing: list[str] = []
+    corrupt: list[str] = []
+    empty = salient = 0
+    for i in range(-(-n // rows_per) if n else 0):
+        key = _chunk_key(arr, i)
+        lo, hi = i * rows_per, min(n, (i + 1) * rows_per)
+        if not (path / key).is_file():
+            missing.append(key)
+            continue
+        try:
+            rows = np.asarray(arr[lo:hi])
+        except Exception as err:  # noqa: BLE001 - codecs raise several types for damaged bytes
+            corrupt.append(f"{key} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
+            continue
+        empty += int((rows == 0).all(axis=1).sum())  # padding bits are always zero
+        salient += int(_POPCOUNT[rows].sum())
+        if out is not None:
+            out[lo:hi] = rows
+    report = {"chunks": -(-n // rows_per) if n else 0, "missing": missing, "corrupt": corrupt,
+              "empty_masks": empty, "salient_elements": salient}
+    return report, out
+
+
+def integrity_problems(report: dict[str, Any], attrs: dict[str, Any]) -> list[str]:
+    """What is wrong with a store, from `scan_chunks`'s report and the totals the writer recorded."""
+    problems = []
+
+    def listed(keys: list[str]) -> str:
+        return ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+    if report["missing"]:
+        problems.append(f"{len(report['missing'])} of {report['chunks']} chunk(s) missing: {listed(report['missing'])}")
+    if report["corrupt"]:
+        problems.append(f"{len(report['corrupt'])} of {report['chunks']} chunk(s) cannot be decoded: "
+                        f"{listed(report['corrupt'])}")
+    if problems:
+        return problems
+    totals = attrs.get("totals") or {}
+    recorded_empty = totals.get("empty_masks", attrs.get("coverage", {}).get("empty"))
+    if recorded_empty is not None and int(recorded_empty) != report["empty_masks"]:
+        problems.append(f"{report['empty_masks']} empty masks, but the store recorded {recorded_empty} when written")
+    if "salient_elements" in totals and int(totals["salient_elements"]) != report["salient_elements"]:
+        problems.append(f"{report['salient_elements']} salient elements, but the store recorded "
+                        f"{totals['salient_elements']} when written")
+    return problems
+
+
+def verify_store(path: str | Path) -> tuple[dict[str, Any], list[str]]:
+    """Read a whole store and compare it with its own record: (scan report, problems; empty when sound)."""
+    path = Path(path)
+    arr, attrs = _open_array(path)
+    report, _ = scan_chunks(path, arr)
+    return report, integrity_problems(report, attrs)
+
+
 def read_store_attrs(path: str | Path) -> tuple[dict[str, Any], tuple[int, ...]]:
     """Attributes and packed shape of a store, without any checks against a dataset."""
     arr, attrs = _open_array(Path(path))
@@ -151,6 +223,7 @@ def _dataset_differences(attrs: dict[str, Any], dataset) -> list[str]:
     for key, have, want in (
         ("dataset", attrs.get("dataset"), dataset.name),
         ("split", attrs.get("split"), dataset.split),
+        ("image size", attrs.get("image_size"), int(dataset.image_size)),
         ("image shape", attrs.get("image_shape"), list(dataset.image_shape)),
         ("number of items", attrs.get("n"), len(dataset)),
     ):
@@ -159,29 +232,48 @@ def _dataset_differences(attrs: dict[str, Any], dataset) -> list[str]:
     if attrs.get("fingerprint") != dataset.fingerprint():
         diffs.append(f"fingerprint of sample order (ids + labels): store has {attrs.get('fingerprint')}, dataset "
                      f"has {dataset.fingerprint()}")
+    teacher = attrs.get("teacher")
+    if isinstance(teacher, dict) and teacher.get("dataset_fingerprint") not in (None, dataset.fingerprint()):
+        diffs.append(f"teacher trained on {teacher.get('dataset')} (fingerprint {teacher.get('dataset_fingerprint')}),"
+                     f" not on {dataset.name}/{dataset.split} ({dataset.fingerprint()})")
     return diffs
 
 
 class MaskStore:
     """Read-only access to a mask store by dataset index; open once with `MaskStore.open`."""
 
-    def __init__(self, path: Path, array, attrs: dict[str, Any], device: torch.device, memory_limit: int):
+    def __init__(self, path: Path, array, attrs: dict[str, Any], device: torch.device, memory_limit: int,
+                 verify: bool = True):
         self.path = path
         self.attrs = attrs
         self.device = device
         self.image_shape = tuple(int(s) for s in attrs["image_shape"])
         self._array = array
         self._packed: Optional[torch.Tensor] = None
-        if array.nbytes <= memory_limit:
-            self._packed = torch.from_numpy(np.ascontiguousarray(array[:])).to(device)
+        keep = array.nbytes <= memory_limit
+        packed = None
+        if verify:  # one pass over every chunk, which also loads a store that fits in memory
+            report, packed = scan_chunks(path, array, keep=keep)
+            problems = integrity_problems(report, attrs)
+            if problems:
+                raise MaskStoreError(f"mask store {path} is damaged ({'; '.join(problems)}); regenerate it "
+                                     f"(dvc repro, or sipat masks ...)")
+        elif keep:
+            packed = np.asarray(array[:])
+        if packed is not None:
+            self._packed = torch.from_numpy(np.ascontiguousarray(packed)).to(device)
 
     @classmethod
     def open(cls, path: str | Path, dataset=None, device: torch.device | str = "cpu", kind: Optional[str] = None,
-             memory_limit: int = DEFAULT_MEMORY_LIMIT) -> "MaskStore":
-        """Open a store, refusing one that holds no masks, is of another `kind`, or does not match `dataset`.
+             memory_limit: int = DEFAULT_MEMORY_LIMIT, *, verify: bool = True,
+             expect: Optional[dict[str, Any]] = None) -> "MaskStore":
+        """Open a store, refusing one that holds no masks, is of another `kind`, does not match `dataset` (its
+        sample order, image size, and for synthetic masks the teacher's training data), or differs from `expect`.
 
-        When the packed array is at most `memory_limit` bytes it is loaded onto `device` at once; otherwise
-        chunks are read as batches ask for them.
+        `expect` may name `teacher_sha256` (the checkpoint the masks must come from). With `verify` every chunk
+        is read once and must be present, decodable and agree with the totals recorded at write time. When the
+        packed array is at most `memory_limit` bytes it is loaded onto `device` at once; otherwise chunks are
+        read as batches ask for them.
         """
         path = Path(path)
         arr, attrs = _open_array(path)
@@ -206,7 +298,15 @@ class MaskStore:
                     f"mask store {path} was made for another dataset, split, image size or sample order than "
                     f"{dataset.name}/{dataset.split} at {dataset.image_size}px; regenerate it. Differences: "
                     + "; ".join(diffs))
-        return cls(path, arr, attrs, torch.device(device), memory_limit)
+        unknown = set(expect or {}) - {"teacher_sha256"}
+        if unknown:
+            raise ValueError(f"MaskStore.open: unknown expectation(s) {sorted(unknown)}")
+        want_teacher = (expect or {}).get("teacher_sha256")
+        have_teacher = (attrs.get("teacher") or {}).get("sha256")
+        if want_teacher is not None and have_teacher != want_teacher:
+            raise MaskStoreError(f"mask store {path} was made from teacher {have_teacher}, not from this run's teacher "
+                                 f"{want_teacher}; regenerate it")
+        return cls(path, arr, attrs, torch.device(device), memory_limit, verify=verify)
 
     def __len__(self) -> int:
         return int(self.attrs["n"])

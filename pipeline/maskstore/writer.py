@@ -14,7 +14,7 @@ from zarr.codecs import BloscCodec
 
 from pipeline.core.errors import MaskStoreError
 from pipeline.core.utils import atomic_path
-from pipeline.maskstore import FORMAT, coverage_stats, packed_to_host, packed_width
+from pipeline.maskstore import FORMAT, coverage_stats, integrity_problems, packed_to_host, packed_width, scan_chunks
 
 log = logging.getLogger(__name__)
 
@@ -24,11 +24,15 @@ def _codec() -> BloscCodec:
     return BloscCodec(cname="zstd", clevel=5, shuffle="noshuffle", typesize=1)
 
 
+# Every chunk is written, all-zero ones too, so that a chunk file missing later is damage, never "empty masks".
+_ARRAY_CONFIG = {"write_empty_chunks": True}
+
+
 def _create(tmp: Path, n: int, shape: Sequence[int], chunk_size: int):
     width = packed_width(shape)
     return zarr.create_array(store=str(tmp), shape=(n, width), chunks=(max(1, min(chunk_size, n)), width),
                              dtype="uint8", compressors=[_codec()], fill_value=0, zarr_format=3,
-                             overwrite=True, dimension_names=("sample", "packed_bits"))
+                             overwrite=True, dimension_names=("sample", "packed_bits"), config=_ARRAY_CONFIG)
 
 
 def _base_attrs(n: int, shape: Sequence[int], chunk_size: int) -> dict[str, Any]:
@@ -93,11 +97,17 @@ def _write_rows(arr, batches: Iterable[tuple[int, torch.Tensor]], *, rows: tuple
     return cover
 
 
-def _final_attrs(n: int, shape: tuple[int, ...], chunk: int, attrs: dict[str, Any], cover: np.ndarray,
+def _final_attrs(tmp: Path, n: int, shape: tuple[int, ...], chunk: int, attrs: dict[str, Any], cover: np.ndarray,
                  stats: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """The attributes of a finished store, after reading it back: its totals are what `MaskStore.open` checks."""
     final = {**_base_attrs(n, shape, chunk), "available": True, **attrs, "coverage": coverage_stats(cover)}
     if stats:
         final["counts"] = {**final.get("counts", {}), **dict(stats)}
+    report, _ = scan_chunks(tmp, zarr.open_array(str(tmp), mode="r"))
+    final["totals"] = {"empty_masks": report["empty_masks"], "salient_elements": report["salient_elements"]}
+    problems = integrity_problems(report, final)
+    if problems:
+        raise MaskStoreError(f"{tmp}: the store read back differs from what was written: {'; '.join(problems)}")
     return final
 
 
@@ -120,7 +130,7 @@ def write_mask_store(path: str | Path, batches: Iterable[tuple[int, torch.Tensor
     with atomic_path(path, is_dir=True) as tmp:
         arr = _create(tmp, n, shape, chunk)
         cover = _write_rows(arr, batches, rows=(0, n), chunk=chunk, shape=shape, where=str(path))
-        final = _final_attrs(n, shape, chunk, attrs, cover, getattr(batches, "stats", None))
+        final = _final_attrs(tmp, n, shape, chunk, attrs, cover, getattr(batches, "stats", None))
         arr.attrs.update(final)
     _log_written(path, n, shape, final)
     return final
@@ -157,7 +167,7 @@ def write_mask_store_distributed(path: str | Path, batches: Iterable[tuple[int, 
         with atomic_path(path, is_dir=True) as tmp:
             stats, cover = _write_part(tmp, batches, n=n, shape=shape, chunk=chunk, rows=rows, path=path)
             done = True  # every collective up to the last one is behind us
-            final = _final_attrs(n, shape, chunk, attrs, cover, stats)
+            final = _final_attrs(tmp, n, shape, chunk, attrs, cover, stats)
             zarr.open_array(str(tmp), mode="r+").attrs.update(final)
     except Exception as err:
         if done:  # a rank-0 failure after the gather (attributes, rename): the others wait to hear of it
@@ -196,7 +206,7 @@ def _write_part(tmp: Optional[Path], batches, *, n: int, shape: tuple[int, ...],
         if not Path(where).is_dir():
             raise MaskStoreError(f"{where} (created by rank 0) is not visible here: all processes must share "
                                  f"the file system of {path}")
-        arr = zarr.open_array(where, mode="r+")
+        arr = zarr.open_array(where, mode="r+").with_config(_ARRAY_CONFIG)
         cover = _write_rows(arr, batches, rows=rows, chunk=chunk, shape=shape, where=f"{path} (rank {rank})")
     except Exception as err:  # noqa: BLE001 - re-raised after the vote
         error = err
@@ -224,7 +234,8 @@ def write_unavailable_store(path: str | Path, *, shape: Sequence[int], reason: s
     shape = tuple(int(s) for s in shape)
     with atomic_path(path, is_dir=True) as tmp:
         arr = _create(tmp, 0, shape, 1)
-        final = {**_base_attrs(0, shape, 1), **attrs, "available": False, "reason": reason}
+        final = {**_base_attrs(0, shape, 1), **attrs, "available": False, "reason": reason,
+                 "totals": {"empty_masks": 0, "salient_elements": 0}}
         arr.attrs.update(final)
     log.warning("wrote %s without masks: %s", path, reason)
     return final

@@ -176,7 +176,16 @@ def _load_resume(opts: TrainOptions) -> Optional[dict]:
     path = opts.resume_path
     if path is None or not Path(path).is_file():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict):
+            raise TypeError(f"it holds a {type(state).__name__}, not a dict")
+    except Exception as err:  # noqa: BLE001 - a damaged cache only costs the epochs it held
+        if opts.is_main:
+            log.warning("ignoring %s and starting from epoch 1: it cannot be read (%s: %s)", path,
+                        type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+            Path(path).unlink(missing_ok=True)
+        return None
     if state.get("key") != opts.resume_key:
         if opts.is_main:
             log.info("ignoring %s: it belongs to another run configuration", path)

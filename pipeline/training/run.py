@@ -14,7 +14,7 @@ import torch
 
 from pipeline.core.config import Config, ConfigError, format_budget
 from pipeline.core.utils import resolve_device, seed_everything
-from pipeline.data import BatchIterator, load_dataset, train_val_split
+from pipeline.data import BatchIterator, load_dataset, split_fingerprints, train_val_split
 from pipeline.models import MODELS, build_model, save_checkpoint
 from pipeline.strategies import make_strategy
 from pipeline.training import TrainOptions, fit
@@ -114,6 +114,7 @@ def _train(cfg: Config, role: str, out: Path, dist, *, mask_stores: dict[str, st
     meta = {
         "arch": arch, "num_classes": ds.num_classes, "mean": list(ds.mean), "std": list(ds.std),
         "image_shape": list(ds.image_shape), "dataset": cfg.dataset, "dataset_fingerprint": ds.fingerprint(),
+        "dataset_fingerprints": split_fingerprints(ds, cfg.data.root),
         "role": role, "strategy": strategy_name, "seed": seed, "attack": cfg.attack.model_dump(),
         "optim": optim.model_dump(), "summary": _without_timings(summary),
     }
