@@ -238,3 +238,13 @@ def test_partial_results_resume_in_evaluate_run(tmp_path, digits_root):
     assert resumed["timing"]["chunks_reused"] == 2 and not partial.exists()
     fresh = evaluate_run(cfg, ckpt, tmp_path / "f.json", device=CPU, progress=False, make_attack=FlipFactory(p=0.5))
     assert without_timings(resumed) == without_timings(fresh)
+
+
+def test_evaluate_defaults_are_the_params_file_and_bad_layouts_are_rejected_by_name():
+    from pipeline.core.config import ConfigError, config_from_dict, load_config
+
+    repo = Path(__file__).resolve().parents[1]
+    assert config_from_dict({}).evaluate == load_config(repo / "params.yaml").evaluate
+    for key, value in (("workers", 0), ("chunk_size", 0), ("threads_per_worker", 0), ("chunks", 3)):
+        with pytest.raises(ConfigError, match=f"evaluate.{key}"):
+            config_from_dict({"evaluate": {key: value}})

@@ -133,10 +133,11 @@ class EvalConfig(_Strict):
     batch_size: int = Field(500, ge=1)  # forward passes (clean accuracy, re-check of adversarial points)
     # Points per chunk: the unit of work, resumption and seeding, and AutoAttack's batch. Results depend on it
     # (not on `workers`); larger chunks waste less time per query, smaller ones share out more evenly.
-    chunk_size: int = Field(32, ge=1)
+    chunk_size: int = Field(90, ge=1)
     workers: int = Field(2, ge=1)  # local worker processes (ignored under torchrun, whose ranks are the workers)
     threads_per_worker: Optional[int] = Field(1, ge=1)  # torch threads per worker; None: cores / workers
-    teacher_eps: Optional[list[Budget]] = None  # budgets for the teacher's evaluation; None: same as `eps`
+    # budgets for the teacher's evaluation (its training budget); None: same as `eps`
+    teacher_eps: Optional[list[Budget]] = Field(default_factory=lambda: [parse_budget("32/255")])
     version: Literal["standard"] = "standard"
     ladder: bool = False
     seed: int = 0  # picks the evaluated subset and seeds AutoAttack; the same for every student

@@ -22,6 +22,8 @@ runs inside each chunk, so it too is the same for any number of workers.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import logging
 import queue as queue_mod
@@ -33,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pipeline.core.config import format_budget
 from pipeline.data import ImageDataset
@@ -117,7 +120,8 @@ def autoattack_robust(model: nn.Module, x: torch.Tensor, y: torch.Tensor, robust
                       attacks: tuple[str, ...] = STANDARD_ATTACKS,
                       on_attack: Optional[Callable[[str, int, int], None]] = None,
                       make_attack: Optional[Callable] = None) -> tuple[torch.Tensor, dict]:
-    """Run the cascade on the points flagged `robust`; returns the updated flags and points broken per attack.
+    """Run the cascade on the points flagged `robust`; returns the updated flags and, per attack, the points it
+    broke and its seconds.
 
     `seed` is one seed for every attack or a function of the attack's name; AutoAttack runs in batches of
     `batch_size` (one batch when it is at least the number of points).
@@ -126,11 +130,14 @@ def autoattack_robust(model: nn.Module, x: torch.Tensor, y: torch.Tensor, robust
     attacks = attacks_for(n_classes, attacks)
     aa = (make_attack or _make_autoattack)(model, eps, n_classes, device, seed if isinstance(seed, int) else 0)
     broken_by: dict[str, int] = {}
+    seconds: dict[str, float] = {}
     rejected = 0
     for name in attacks:
+        t0 = time.perf_counter()
         idx = robust.nonzero().flatten()
         if len(idx) == 0:
             broken_by[name] = 0
+            seconds[name] = 0.0
             if on_attack is not None:
                 on_attack(name, 0, 0)
             continue
@@ -146,9 +153,10 @@ def autoattack_robust(model: nn.Module, x: torch.Tensor, y: torch.Tensor, robust
         rejected += int(((pred != ys) & ~valid).sum())
         robust[idx[fooled]] = False
         broken_by[name] = int(fooled.sum())
+        seconds[name] = round(time.perf_counter() - t0, 3)
         if on_attack is not None:
             on_attack(name, int(fooled.sum()), len(idx))
-    return robust, {"broken_by": broken_by, "rejected": rejected}
+    return robust, {"broken_by": broken_by, "rejected": rejected, "seconds": seconds}
 
 
 def evaluate_chunk(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_list: list[float], *, chunk: int,
@@ -173,8 +181,9 @@ def evaluate_chunk(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_list:
             model, x, y, start, eps, n_classes=n_classes, device=device, batch_size=max(1, len(y)),
             seed=lambda name, e=eps: chunk_seed(seed, chunk, e, name), attacks=attacks, make_attack=make_attack,
             on_attack=None if on_attack is None else (lambda a, k, m, key=key: on_attack(chunk, key, a, k, m)))
-        per_eps[key] = {"robust_flags": flags.tolist(), **info, "attacked": int(start.sum()),
-                        "seconds": round(time.perf_counter() - t0, 3)}
+        per_eps[key] = {"robust_flags": flags.tolist(), "broken_by": info["broken_by"], "rejected": info["rejected"],
+                        "attacked": int(start.sum()), "seconds": round(time.perf_counter() - t0, 3),
+                        "attack_seconds": info["seconds"]}
         still = flags
     return {"chunk": chunk, "n": len(y), "clean_flags": clean.tolist(), "eps": per_eps,
             "seconds": round(time.perf_counter() - t_chunk, 3)}
@@ -249,7 +258,7 @@ def _run_pool(jobs: list[tuple[int, int, int]], state: dict[str, Any], workers: 
 
 def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_list: list[float], *, n_classes: int,
                    device: torch.device, batch_size: int = 500, seed: int = 0, ladder: bool = False,
-                   chunk_size: int = 64, workers: int = 1, threads_per_worker: Optional[int] = None,
+                   chunk_size: int = 90, workers: int = 1, threads_per_worker: Optional[int] = None,
                    attacks: tuple[str, ...] = STANDARD_ATTACKS, done: Optional[dict[int, dict]] = None,
                    on_chunk_done: Optional[Callable[[dict], None]] = None, make_attack: Optional[Callable] = None,
                    progress: bool = True) -> dict[str, Any]:
@@ -308,24 +317,27 @@ def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_list:
     t0 = time.perf_counter()
     log.info("AutoAttack on %d points in %d chunks of %d, %d budget(s), %s", n, len(bounds), chunk_size,
              len(eps_list), f"{world} ranks" if world > 1 else f"{workers} worker(s) x {threads} thread(s)")
+    pool = world == 1 and workers > 1 and len(jobs) > 1
+    prev_threads = torch.get_num_threads()
+    if threads_per_worker and not pool:
+        torch.set_num_threads(threads_per_worker)
+    # log lines go above the bar instead of through it
+    redirect = contextlib.nullcontext() if bar.disable else logging_redirect_tqdm()
     try:
-        if world > 1:
-            _run_ranks(jobs, model, x, y, eps_list, device, common, rank, world, on_result, on_event, on_remote)
-        elif workers > 1 and len(jobs) > 1:
-            state = dict(model=model.cpu() if device.type == "cpu" else model, x=x, y=y, eps_list=eps_list,
-                         device=device, **common)
-            _run_pool(jobs, state, min(workers, len(jobs)), threads, on_result, on_event)
-        else:
-            prev = torch.get_num_threads()
-            if threads_per_worker:
-                torch.set_num_threads(threads_per_worker)
-            try:
+        with redirect:
+            if world > 1:
+                _run_ranks(jobs, model, x, y, eps_list, device, common, rank, world, on_result, on_event, on_remote)
+            elif pool:
+                # workers get a CPU copy (pickled once each) and move it to `device` themselves
+                state = dict(model=model if device.type == "cpu" else copy.deepcopy(model).cpu(), x=x, y=y,
+                             eps_list=eps_list, device=device, **common)
+                _run_pool(jobs, state, min(workers, len(jobs)), threads, on_result, on_event)
+            else:
                 for c, a, b in jobs:
                     on_result(evaluate_chunk(model, x[a:b], y[a:b], eps_list, chunk=c, device=device,
                                              on_attack=lambda *ev: on_event(ev), **common))
-            finally:
-                torch.set_num_threads(prev)
     finally:
+        torch.set_num_threads(prev_threads)
         bar.close()
     wall = time.perf_counter() - t0
     return _assemble([results[c] for c in range(len(bounds))], eps_list, attacks, n, wall=wall,
@@ -369,11 +381,14 @@ def _assemble(chunks: list[dict], eps_list: list[float], attacks: tuple[str, ...
         attacked = sum(r["eps"][key]["attacked"] for r in chunks)
         result["robust_acc"][key] = robust
         result["attacks"][key] = {"eps": eps, "broken_by": broken_by, "rejected": rejected, "attacked": attacked}
-        seconds[key] = round(sum(r["eps"][key]["seconds"] for r in chunks), 2)
+        seconds[key] = {"total": round(sum(r["eps"][key]["seconds"] for r in chunks), 2),
+                        **{a: round(sum(r["eps"][key].get("attack_seconds", {}).get(a, 0.0) for r in chunks), 2)
+                           for a in attacks}}
         if rejected:
             log.warning("eps=%s: %d adversarial points outside the threat model were ignored",
                         format_budget(eps), rejected)
         log.info("eps=%s robust accuracy %.4f (%d of %d attacked points broken: %s)", format_budget(eps), robust,
                  sum(broken_by.values()), attacked, ", ".join(f"{a} {k}" for a, k in broken_by.items()))
+    # worker seconds summed over chunks (with several workers they add up to more than the wall time)
     result["timing"] = {"wall_seconds": round(wall, 2), "attack_seconds": seconds, **layout}
     return result
