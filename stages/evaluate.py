@@ -2,7 +2,13 @@
 
     python -m stages.evaluate student --checkpoint data/student/model.pt --out data/metrics/student.json
 
-The teacher is evaluated at `evaluate.teacher_eps` (null: every budget of `evaluate.eps`).
+The teacher is evaluated at `evaluate.teacher_eps` (null: every budget of `evaluate.eps`). The points are
+attacked in chunks by `evaluate.workers` local processes, or by every rank of a torchrun job (one per GPU):
+
+    torchrun --nproc_per_node 4 -m stages.evaluate student --checkpoint ... --out ...
+
+Results are the same for any number of workers. Finished chunks are kept in `.<out>.partial.json` beside the
+output until it is written, so a rerun after an interruption resumes there.
 """
 
 import argparse

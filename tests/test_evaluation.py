@@ -86,21 +86,6 @@ def test_ladder_skips_points_broken_at_a_smaller_budget(monkeypatch):
     assert 2 not in second and res["attacks"][eps_key(0.2)]["attacked"] == 3
 
 
-def test_resumed_budgets_are_not_attacked_again(monkeypatch):
-    x = _points(3)
-    y = torch.zeros(3, dtype=torch.long)
-    calls = []
-    monkeypatch.setattr(ev, "_make_autoattack", lambda *a, **k: FakeAutoAttack({}, calls))
-    saved = {}
-    evaluate_model(MeanThreshold(), x, y, [0.1], n_classes=10, device=torch.device("cpu"),
-                   on_eps_done=lambda k, e: saved.__setitem__(k, e))
-    calls.clear()
-    res = evaluate_model(MeanThreshold(), x, y, [0.1, 0.2], n_classes=10, device=torch.device("cpu"), done=saved)
-    assert {name for name, _ in calls} == {"apgd-ce", "apgd-t", "fab-t", "square"}
-    assert len(calls) == 4  # only the new budget was attacked
-    assert set(res["robust_acc"]) == {eps_key(0.1), eps_key(0.2)}
-
-
 def test_real_autoattack_on_a_tiny_model():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4))

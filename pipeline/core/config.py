@@ -148,9 +148,14 @@ class HumanMaskConfig(_Strict):
 class EvalConfig(_Strict):
     eps: list[Budget] = Field(default_factory=lambda: [parse_budget(f"{k}/255") for k in (4, 8, 16, 32)])
     n_examples: Optional[int] = Field(None, ge=1)
-    batch_size: int = Field(500, ge=1)
-    teacher_eps: Optional[list[Budget]] = None  # budgets for the teacher's evaluation; None: same as `eps`
-    version: Literal["standard"] = "standard"
+    batch_size: int = Field(500, ge=1)  # forward passes (clean accuracy, re-check of adversarial points)
+    # Points per chunk: the unit of work, resumption and seeding, and AutoAttack's batch. Results depend on it
+    # (not on `workers`); larger chunks waste less time per query, smaller ones share out more evenly.
+    chunk_size: int = Field(90, ge=1)
+    workers: int = Field(2, ge=1)  # local worker processes (ignored under torchrun, whose ranks are the workers)
+    threads_per_worker: Optional[int] = Field(1, ge=1)  # torch threads per worker; None: cores / workers
+    # budgets for the teacher's evaluation (its training budget); None: same as `eps`
+    teacher_eps: Optional[list[Budget]] = Field(default_factory=lambda: [parse_budget("32/255")])
     ladder: bool = False
     seed: int = 0  # picks the evaluated subset and seeds AutoAttack; the same for every student
 
