@@ -9,8 +9,11 @@ known fields only) so that every malformed request gets a 4xx page saying what w
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import re
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -25,8 +28,8 @@ from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Redire
 from starlette.routing import Route
 
 from pipeline.errors import DatasetError
-from pipeline.survey.images import read_image_set
-from pipeline.survey.store import ANSWERS, Participant, PoolImage, SurveyStore
+from pipeline.survey.manifest import read_image_set
+from pipeline.survey.store import ANSWERS, Participant, PoolImage, SurveyStore, now
 from pipeline.survey.templates import render
 
 log = logging.getLogger(__name__)
@@ -172,14 +175,14 @@ def create_app(versions: dict[str, SurveyVersion], store: SurveyStore, *, images
         return p
 
     async def read_form(request: Request, fields: tuple[str, ...]) -> dict[str, str]:
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype != "application/x-www-form-urlencoded":
-            raise HTTPException(415, "Send the form as application/x-www-form-urlencoded.")
         body = b""
         async for chunk in request.stream():
             body += chunk
             if len(body) > MAX_BODY:
                 raise HTTPException(413, f"Form body larger than {MAX_BODY} bytes.")
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if body and ctype != "application/x-www-form-urlencoded":  # an empty form may come without a type
+            raise HTTPException(415, "Send the form as application/x-www-form-urlencoded.")
         try:
             pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, max_num_fields=8)
         except (UnicodeDecodeError, ValueError):
@@ -199,6 +202,20 @@ def create_app(versions: dict[str, SurveyVersion], store: SurveyStore, *, images
         if not EXTERNAL_ID.match(value):
             raise HTTPException(400, "The participant id must be 1-64 letters, digits, '.', '_' or '-'.")
         return value
+
+    # When a question page was served travels in its form, signed, so that showing a page writes nothing;
+    # a stamp that does not verify (forged, or from before a server restart) only loses the response time.
+    secret = secrets.token_bytes(32)
+
+    def shown_stamp(pid: int, position: int) -> str:
+        t = now()
+        mac = hmac.new(secret, f"{pid}|{position}|{t}".encode(), hashlib.sha256).hexdigest()[:32]
+        return f"{t}|{mac}"
+
+    def check_stamp(stamp: str, pid: int, position: int) -> Optional[str]:
+        t, _, mac = stamp.partition("|")
+        good = hmac.new(secret, f"{pid}|{position}|{t}".encode(), hashlib.sha256).hexdigest()[:32]
+        return t if mac and hmac.compare_digest(mac, good) else None
 
     async def resume_path(p: Participant) -> str:
         done, total = await run_in_threadpool(store.progress, p.id)
@@ -260,31 +277,32 @@ def create_app(versions: dict[str, SurveyVersion], store: SurveyStore, *, images
         p = await who(request)
         if p is None:
             return redirect(request, "/")
-        item = await run_in_threadpool(store.current_item, p.id)
+        item, done, total = await run_in_threadpool(store.current_item, p.id)
         if item is None:
             return redirect(request, "/done")
-        done, total = await run_in_threadpool(store.progress, p.id)
         return page(request, "question.html", position=item.position, total=total, answered=done,
-                    percent=round(100 * done / max(total, 1), 1), width=width(versions[p.version]))
+                    percent=round(100 * done / max(total, 1), 1), width=width(versions[p.version]),
+                    shown=shown_stamp(p.id, item.position))
 
     async def image(request: Request) -> Response:
         position = request.path_params["position"]
         p = await need(request)
-        item = await run_in_threadpool(store.current_item, p.id)
+        item, _, _ = await run_in_threadpool(store.current_item, p.id)
         if item is None or item.position != position:
             raise HTTPException(404, f"Image {position} is not your current question's image.")
         v = versions[p.version]
         return FileResponse(_inside(v.folder, item.file), media_type="image/png")
 
     async def answer(request: Request) -> Response:
-        form = await read_form(request, ("item", "answer"))
+        form = await read_form(request, ("item", "answer", "shown"))
         p = await need(request)
         if form.get("answer") not in ANSWERS:
             raise HTTPException(400, f"The answer must be one of: {', '.join(ANSWERS)}.")
         raw = form.get("item", "")
         if not raw.isdigit() or len(raw) > 6:
             raise HTTPException(400, "The form must give the question number as 'item'.")
-        status = await run_in_threadpool(store.answer, p.id, int(raw), form["answer"])
+        shown_at = check_stamp(form.get("shown", ""), p.id, int(raw))
+        status = await run_in_threadpool(store.answer, p.id, int(raw), form["answer"], shown_at)
         if status in ("ok", "repeat"):  # a repeated identical submission (double click, reload) changes nothing
             return redirect(request, "/question")
         if status == "unassigned":

@@ -23,16 +23,10 @@ from tqdm.auto import tqdm
 
 from pipeline.data import ImageDataset
 from pipeline.errors import CheckpointError, DatasetError, OutputConflict
+from pipeline.survey.manifest import FORMAT, MANIFEST, MANIFEST_FIELDS, META, read_image_set  # noqa: F401
 from pipeline.utils import atomic_path, sha256_file
 
 log = logging.getLogger(__name__)
-
-FORMAT = "sipat-survey-images-v1"
-MANIFEST = "manifest.csv"
-META = "set.json"
-MANIFEST_FIELDS = ("file", "version", "role", "index", "image_id", "label", "class_name", "eps_255", "eps",
-                   "linf_255", "mean_abs_255", "clean_pred", "pred", "clean_correct", "adversarial_float",
-                   "still_adversarial", "attack")
 
 
 def select_pool(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
@@ -100,6 +94,10 @@ def _png(img_u8: torch.Tensor, path: Path) -> None:
     Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr, "L" if arr.shape[2] == 1 else "RGB").save(path)
 
 
+def _name(role: str, index: int, k: int) -> str:
+    return f"images/{role}_{index:05d}_e{k:03d}.png"
+
+
 def _check_output(out: Path) -> None:
     if out.exists() and not (out / META).is_file():
         raise OutputConflict(f"{out} exists and is not a survey image set (no {META}); move it away or choose "
@@ -159,11 +157,11 @@ def build_image_set(model: nn.Module, meta: dict[str, Any], dataset: ImageDatase
             pred, adv_float, q = pred.cpu(), adv_float.cpu(), q.cpu()
             for j in range(q.shape[0]):  # one PNG per image: file I/O, not a tensor hot path
                 i = s + j
-                fname = f"{roles[i]}_{int(idx[i]):05d}_e{k:03d}.png"
-                _png(q[j], tmp / "images" / fname)
+                fname = _name(roles[i], int(idx[i]), k)
+                _png(q[j], tmp / fname)
                 lab = int(y[i])
                 rows.append({
-                    "file": f"images/{fname}", "version": version, "role": roles[i], "index": int(idx[i]),
+                    "file": fname, "version": version, "role": roles[i], "index": int(idx[i]),
                     "image_id": dataset.ids[int(idx[i])], "label": lab,
                     "class_name": names[lab] if lab < len(names) else str(lab), "eps_255": k,
                     "eps": round(k / 255.0, 8), "linf_255": int(linf[j]), "mean_abs_255": round(float(mean_abs[j]), 4),
@@ -190,9 +188,9 @@ def build_image_set(model: nn.Module, meta: dict[str, Any], dataset: ImageDatase
             "rounding": "nearest 8-bit level, clipped to [clean - k, clean + k] ∩ [0, 255] (k = eps·255)",
             "eps_255": ks, "per_class": per_class, "pool": [int(i) for i in pool],
             "examples": [
-                {"clean": f"images/example_{ex[0]:05d}_e000.png", "perturbed": f"images/example_{ex[0]:05d}_e{ks[-1]:03d}.png",
+                {"clean": _name("example", ex[0], 0), "perturbed": _name("example", ex[0], ks[-1]),
                  "eps_255": ks[-1], "what": "strong"},
-                {"clean": f"images/example_{ex[1]:05d}_e000.png", "perturbed": f"images/example_{ex[1]:05d}_e{ks[0]:03d}.png",
+                {"clean": _name("example", ex[1], 0), "perturbed": _name("example", ex[1], ks[0]),
                  "eps_255": ks[0], "what": "subtle"}],
             "summary": summary,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -223,22 +221,24 @@ def summarise(rows: list[dict[str, Any]], ks: list[int]) -> dict[str, Any]:
             "all_inside_ball": all(r["linf_255"] <= r["eps_255"] for r in rows), "per_eps": per_eps}
 
 
-def read_image_set(folder: str | Path) -> tuple[dict[str, Any], list[dict[str, str]]]:
-    """`set.json` and the manifest rows of an image set (as written by `build_image_set`)."""
-    folder = Path(folder)
-    meta_path, man_path = folder / META, folder / MANIFEST
-    if not meta_path.is_file() or not man_path.is_file():
-        raise DatasetError(f"{folder} is not a survey image set (needs {META} and {MANIFEST}; build one with "
-                           f"`sipat survey images` or `dvc repro`)")
+def build_from_checkpoint(cfg, checkpoint: str | Path, version: str, out: str | Path, *,
+                          device: Optional[str] = None, progress: bool = True) -> dict[str, Any]:
+    """`build_image_set` for a checkpoint file on the test split of the configured dataset (`cfg`: Config)."""
+    from pipeline.data import load_dataset
+    from pipeline.models import load_checkpoint
+    from pipeline.utils import resolve_device
+
+    if not version or not all(c.isalnum() or c in "_-" for c in version):
+        raise ValueError(f"version name {version!r}: use letters, digits, '_' or '-'")
+    dev = resolve_device(device or cfg.device)
     try:
-        info = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as err:
-        raise DatasetError(f"{meta_path}: not valid JSON: {err}") from None
-    if info.get("format") != FORMAT:
-        raise DatasetError(f"{meta_path}: unknown format {info.get('format')!r} (expected {FORMAT})")
-    with open(man_path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    missing = set(MANIFEST_FIELDS) - set(rows[0] if rows else MANIFEST_FIELDS)
-    if missing:
-        raise DatasetError(f"{man_path}: missing column(s) {sorted(missing)}")
-    return info, rows
+        model, meta = load_checkpoint(checkpoint, dev)
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise CheckpointError(f"cannot load checkpoint {checkpoint}: {err}") from None
+    dataset = load_dataset(cfg.dataset, cfg.data.root, "test", cfg.data.image_size)
+    if meta.get("dataset") not in (None, cfg.dataset):
+        raise CheckpointError(f"{checkpoint} was trained on {meta['dataset']!r}, params.yaml names {cfg.dataset!r}")
+    s = cfg.survey
+    return build_image_set(model, meta, dataset, out, version=version, eps_list=s.eps, per_class=s.per_class,
+                           attack=s.attack, steps=s.steps, seed=s.seed, batch_size=s.batch_size, device=dev,
+                           checkpoint=checkpoint, progress=progress)

@@ -59,7 +59,6 @@ items = sa.Table(
     sa.Column("eps_255", sa.Integer, nullable=False),
     sa.Column("still_adversarial", sa.Boolean, nullable=False),
     sa.Column("file", sa.String(512), nullable=False),
-    sa.Column("shown_at", sa.String(32), nullable=True),
 )
 
 responses = sa.Table(
@@ -67,6 +66,7 @@ responses = sa.Table(
     sa.Column("participant_id", sa.Integer, primary_key=True),
     sa.Column("position", sa.Integer, primary_key=True),
     sa.Column("answer", sa.String(16), nullable=False),
+    sa.Column("shown_at", sa.String(32), nullable=True),  # when the question page was served (from the form)
     sa.Column("answered_at", sa.String(32), nullable=False),
     sa.Column("response_ms", sa.Integer, nullable=True),
     sa.ForeignKeyConstraint(["participant_id", "position"], ["items.participant_id", "items.position"]),
@@ -229,10 +229,14 @@ class SurveyStore:
     def progress(self, pid: int) -> tuple[int, int]:
         """(answered, total) for a participant."""
         with self.engine.connect() as conn:
-            total = conn.execute(sa.select(sa.func.count()).select_from(items)
-                                 .where(items.c.participant_id == pid)).scalar_one()
-            done = conn.execute(sa.select(sa.func.count()).select_from(responses)
-                                .where(responses.c.participant_id == pid)).scalar_one()
+            return self._progress(conn, pid)
+
+    @staticmethod
+    def _progress(conn: Connection, pid: int) -> tuple[int, int]:
+        total = conn.execute(sa.select(sa.func.count()).select_from(items)
+                             .where(items.c.participant_id == pid)).scalar_one()
+        done = conn.execute(sa.select(sa.func.count()).select_from(responses)
+                            .where(responses.c.participant_id == pid)).scalar_one()
         return int(done), int(total)
 
     def _current(self, conn: Connection, pid: int) -> Optional[Any]:
@@ -240,18 +244,13 @@ class SurveyStore:
         return conn.execute(sa.select(items).where(items.c.participant_id == pid)
                             .where(items.c.position.not_in(answered)).order_by(items.c.position).limit(1)).first()
 
-    def current_item(self, pid: int) -> Optional[Item]:
-        """The first unanswered item (marked as shown now if it was not yet), or None when all are answered."""
+    def current_item(self, pid: int) -> tuple[Optional[Item], int, int]:
+        """The first unanswered item (None when all are answered), and (answered, total). Reads only."""
         with self.engine.connect() as conn:
             row = self._current(conn, pid)
-        if row is None:
-            return None
-        if row.shown_at is None:
-            with self._write() as conn, conn.begin():
-                conn.execute(items.update().where(items.c.participant_id == pid)
-                             .where(items.c.position == row.position).where(items.c.shown_at.is_(None))
-                             .values(shown_at=now()))
-        return Item(pid, row.position, row.version, row.pool_index, row.eps_255, row.file)
+            done, total = self._progress(conn, pid)
+        item = Item(pid, row.position, row.version, row.pool_index, row.eps_255, row.file) if row else None
+        return item, done, total
 
     def item(self, pid: int, position: int) -> Optional[Item]:
         with self.engine.connect() as conn:
@@ -259,8 +258,8 @@ class SurveyStore:
                                .where(items.c.position == position)).first()
         return Item(pid, row.position, row.version, row.pool_index, row.eps_255, row.file) if row else None
 
-    def answer(self, pid: int, position: int, answer: str) -> str:
-        """Record an answer to the participant's current item.
+    def answer(self, pid: int, position: int, answer: str, shown_at: Optional[str] = None) -> str:
+        """Record an answer to the participant's current item (`shown_at`: when its page was served).
 
         Returns "ok"; "repeat" (this exact answer is already stored: nothing written); "changed" (the item was
         answered differently: answers are final); "unassigned"; or "not_current" (a later item).
@@ -268,9 +267,9 @@ class SurveyStore:
         if answer not in ANSWERS:
             raise ValueError(f"answer must be one of {ANSWERS}")
         with self._write() as conn, conn.begin():
-            row = conn.execute(sa.select(items.c.position, items.c.shown_at).where(items.c.participant_id == pid)
-                               .where(items.c.position == position)).first()
-            if row is None:
+            assigned = conn.execute(sa.select(items.c.position).where(items.c.participant_id == pid)
+                                    .where(items.c.position == position)).first()
+            if assigned is None:
                 return "unassigned"
             prev = conn.execute(sa.select(responses.c.answer).where(responses.c.participant_id == pid)
                                 .where(responses.c.position == position)).scalar()
@@ -281,7 +280,8 @@ class SurveyStore:
                 return "not_current"
             t = now()
             conn.execute(responses.insert().values(participant_id=pid, position=position, answer=answer,
-                                                   answered_at=t, response_ms=_ms_between(row.shown_at, t)))
+                                                   shown_at=shown_at, answered_at=t,
+                                                   response_ms=_ms_between(shown_at, t)))
             if self._current(conn, pid) is None:
                 conn.execute(participants.update().where(participants.c.id == pid).values(completed_at=t))
         return "ok"
@@ -295,7 +295,7 @@ class SurveyStore:
                      .join(participants, participants.c.id == responses.c.participant_id)
         q = (sa.select(participants.c.id, participants.c.external_id, items.c.version, items.c.position,
                        items.c.pool_index, items.c.image_id, items.c.label, items.c.eps_255,
-                       items.c.still_adversarial, items.c.file, items.c.shown_at, responses.c.answer,
+                       items.c.still_adversarial, items.c.file, responses.c.shown_at, responses.c.answer,
                        responses.c.answered_at, responses.c.response_ms, participants.c.started_at,
                        participants.c.completed_at)
              .select_from(j).order_by(participants.c.id, items.c.position))

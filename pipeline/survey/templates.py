@@ -85,9 +85,11 @@ QUESTION = """{% extends "base.html" %}{% block body %}
     <span style="width: {{ percent }}%"></span></div></div>
 <div class="question">
   <p class="ask">Has this image been perturbed?</p>
-  <img class="stim" src="{{ root }}/image/{{ position }}" width="{{ width }}" height="{{ width }}" alt="image {{ position }}">
+  <img class="stim" src="{{ root }}/image/{{ position }}" width="{{ width }}" height="{{ width }}"
+       alt="image {{ position }}">
   <form method="post" action="{{ root }}/answer">
     <input type="hidden" name="item" value="{{ position }}">
+    <input type="hidden" name="shown" value="{{ shown }}">
     <p class="answers">
       <button type="submit" name="answer" value="unperturbed" class="alt" id="unperturbed">Unperturbed</button>
       <button type="submit" name="answer" value="perturbed" class="alt" id="perturbed">Perturbed</button>
