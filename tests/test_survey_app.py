@@ -29,7 +29,8 @@ EPS = [4 / 255, 8 / 255, 16 / 255, 32 / 255]
 N_QUESTIONS = 10 * 5
 ITEM = re.compile(r'name="item" value="(\d+)"')
 SHOWN = re.compile(r'name="shown" value="([^"]+)"')
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
 
 def tiny_checkpoint(path: Path, seed: int) -> Path:

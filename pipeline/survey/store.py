@@ -252,12 +252,6 @@ class SurveyStore:
         item = Item(pid, row.position, row.version, row.pool_index, row.eps_255, row.file) if row else None
         return item, done, total
 
-    def item(self, pid: int, position: int) -> Optional[Item]:
-        with self.engine.connect() as conn:
-            row = conn.execute(sa.select(items).where(items.c.participant_id == pid)
-                               .where(items.c.position == position)).first()
-        return Item(pid, row.position, row.version, row.pool_index, row.eps_255, row.file) if row else None
-
     def answer(self, pid: int, position: int, answer: str, shown_at: Optional[str] = None) -> str:
         """Record an answer to the participant's current item (`shown_at`: when its page was served).
 
