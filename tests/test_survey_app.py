@@ -263,7 +263,11 @@ def test_image_sets_are_checked_before_serving(image_root, tmp_path):
 
 @pytest.fixture
 def server(image_root, tmp_path):
-    """`sipat survey serve` on 127.0.0.1, any free port; yields (base URL, database path)."""
+    """`sipat survey serve` on 127.0.0.1, any free port; yields (base URL, database path).
+
+    SIPAT_SURVEY_IMAGES serves another folder of image sets (e.g. the pipeline's, for a screenshot).
+    """
+    image_root = Path(os.environ.get("SIPAT_SURVEY_IMAGES", image_root))
     db = tmp_path / "responses.sqlite"
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"survey": {"images_per_participant": 10, "seed": 0}}))

@@ -130,3 +130,27 @@ def test_refuses_foreign_output_and_mismatched_model(tmp_path, digits_test, mode
     build_image_set(model, meta, digits_test, tmp_path / "set", **dict(kw, eps_list=[2 / 255]))
     assert json.loads((tmp_path / "set" / "set.json").read_text())["eps_255"] == [2]
     assert not list((tmp_path / "set" / "images").glob("*_e004.png"))
+
+
+def test_images_command(tmp_path, digits_root):
+    import yaml
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"dataset": "digits", "device": "cpu", "data": {"root": str(digits_root)},
+                                      "survey": {"per_class": 1, "steps": 2, "attack": "pgd", "eps": ["8/255"]}}))
+    ckpt = tiny_checkpoint(tmp_path / "m.pt")
+    out = tmp_path / "sets" / "v1"
+    runner = CliRunner()
+    r = runner.invoke(app, ["survey", "images", "--checkpoint", str(ckpt), "--version", "v1", "--out", str(out),
+                            "--params", str(params), "-q"])
+    assert r.exit_code == 0, r.output
+    assert "inside its ε-ball after 8-bit rounding: yes" in " ".join(r.output.split())
+    info, rows = read_image_set(out)
+    assert info["version"] == "v1" and info["checkpoint_sha256"] and len(rows) == 12 * 2
+    for args, message in ((["--checkpoint", str(tmp_path / "none.pt"), "--version", "v2"], "checkpoint not found"),
+                          (["--checkpoint", str(ckpt), "--version", "a/b"], "version name 'a/b'")):
+        r = runner.invoke(app, ["survey", "images", *args, "--params", str(params), "--out", str(tmp_path / "x")])
+        assert r.exit_code == 1 and message in " ".join(r.output.split()) and "Traceback" not in r.output
