@@ -19,7 +19,8 @@ BASE = """<!doctype html>
   .pair { display: flex; gap: 2rem; justify-content: center; flex-wrap: wrap; margin: 1.2rem 0; }
   figure { margin: 0; text-align: center; }
   figcaption { font-weight: 600; margin-top: .4rem; }
-  img.stim { image-rendering: pixelated; image-rendering: crisp-edges; border: 1px solid #c9ced6;
+  img.stim { image-rendering: crisp-edges; image-rendering: pixelated; border: 1px solid #c9ced6; max-width: 100%;
+             height: auto;
              background: #fff; display: block; margin: 0 auto; }
   .question { text-align: center; }
   .question p.ask { font-size: 1.15rem; font-weight: 600; margin: 1rem 0 .6rem; }
