@@ -118,8 +118,6 @@ def build_image_set(model: nn.Module, meta: dict[str, Any], dataset: ImageDatase
     if meta.get("num_classes") not in (None, dataset.num_classes):
         raise CheckpointError(f"{checkpoint}: model has {meta['num_classes']} classes, dataset "
                               f"{dataset.name!r} has {dataset.num_classes}")
-    if tuple(dataset.image_shape) != tuple(dataset[0][0].shape):
-        raise DatasetError(f"{dataset.name}: images are not {dataset.image_shape}")
     t0 = time.perf_counter()
     ks = sorted({int(round(e * 255)) for e in eps_list})
     labels = np.asarray(dataset.labels)
