@@ -56,8 +56,9 @@ def images(
         summary = build_from_checkpoint(cfg, checkpoint, version, out, device=device, progress=not quiet)
     table = Table(title=f"{escape(str(out))}: {summary['n_pool']} pool images, attack {summary['attack']}",
                   box=box.SIMPLE_HEAD, title_justify="left")
-    for h in ("ε", "misclassified", "fooled (clean-correct)", "lost by rounding", "max L∞", "mean |δ|"):
+    for h in ("ε", "misclassified", "fooled*", "lost in rounding", "max L∞", "mean |δ|"):
         table.add_column(h, justify="right")
+    table.caption = "* among the images the model classifies correctly when clean"
     for key, e in summary["per_eps"].items():
         k = int(key.split("_")[1])
         table.add_row(format_budget(k / 255), f"{e['misclassified']:.0%}", f"{e['fooled']:.0%}",
