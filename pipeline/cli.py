@@ -393,5 +393,12 @@ def metrics(
     console.print(table)
 
 
+# =============================================================================================== survey
+
+from pipeline.survey.cli import survey_app  # noqa: E402  (commands import their heavy modules lazily)
+
+app.add_typer(survey_app, name="survey")
+
+
 if __name__ == "__main__":
     app()

@@ -178,6 +178,38 @@ class PerfConfig(_Strict):
     resume: bool = True  # keep a per-epoch state next to the checkpoint and resume from it after an interruption
 
 
+def _survey_budget(value: Any) -> float:
+    eps = parse_budget(value)
+    k = round(eps * 255)
+    if abs(k - eps * 255) > 1e-6:
+        raise ValueError(f"{value!r} is not a multiple of 1/255: 8-bit images can only hold perturbations k/255")
+    if k < 1:
+        raise ValueError("survey budgets must be at least 1/255 (the unperturbed image is always shown)")
+    return k / 255.0
+
+
+class SurveyConfig(_Strict):
+    """Human attack-detection survey (paper §4.5): the image sets and the web app's protocol."""
+
+    per_class: int = Field(5, ge=1)  # pool: distinct test images per class (seeded)
+    eps: list[Annotated[float, BeforeValidator(_survey_budget)]] = Field(
+        default_factory=lambda: [k / 255.0 for k in (4, 8, 16, 32)])
+    attack: Literal["apgd-ce", "pgd"] = "apgd-ce"
+    steps: int = Field(100, ge=1)
+    seed: int = 0
+    batch_size: int = Field(256, ge=1)
+    images_per_participant: int = Field(10, ge=1)
+    completion_code: Optional[str] = Field(None, min_length=1, max_length=64)
+    display_px: int = Field(320, ge=16, le=2048)
+
+    @field_validator("eps")
+    @classmethod
+    def _sorted_unique(cls, v: list[float]) -> list[float]:
+        if not v:
+            raise ValueError("at least one budget is needed")
+        return sorted(set(v))
+
+
 class Config(_Strict):
     """A whole run. Names of datasets, models and strategies are checked against their registries by the code
     that uses them (`Registry.get(name, key)`), so that loading a config imports no training code."""
@@ -195,6 +227,7 @@ class Config(_Strict):
     human_masks: HumanMaskConfig = Field(default_factory=HumanMaskConfig)
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
     perf: PerfConfig = Field(default_factory=PerfConfig)
+    survey: SurveyConfig = Field(default_factory=SurveyConfig)
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
