@@ -158,7 +158,7 @@ def test_export_command(tmp_path):
 
 
 def test_survey_params_are_checked():
-    from pipeline.config import ConfigError, config_from_dict, load_config
+    from pipeline.core.config import ConfigError, config_from_dict, load_config
 
     cfg = load_config(ROOT / "params.yaml")
     assert [round(e * 255) for e in cfg.survey.eps] == [4, 8, 16, 32]

@@ -19,8 +19,8 @@ import torch
 import yaml
 from starlette.testclient import TestClient
 
+from pipeline.core.errors import DatasetError
 from pipeline.data import load_dataset
-from pipeline.errors import DatasetError
 from pipeline.models import build_model, load_checkpoint, save_checkpoint
 from pipeline.survey.app import COOKIE, create_app, load_versions
 from pipeline.survey.store import SurveyStore

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.core.errors import CheckpointError, OutputConflict
 from pipeline.data import load_dataset
-from pipeline.errors import CheckpointError, OutputConflict
 from pipeline.models import build_model, load_checkpoint, save_checkpoint
 from pipeline.survey.images import build_image_set, quantise_into_ball, select_example_images, select_pool
 from pipeline.survey.manifest import read_image_set

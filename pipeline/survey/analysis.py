@@ -18,8 +18,8 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 
-from pipeline.errors import SipatError
-from pipeline.utils import atomic_path, write_json
+from pipeline.core.errors import SipatError
+from pipeline.core.utils import atomic_path, write_json
 
 Z95 = NormalDist().inv_cdf(0.975)
 REQUIRED = ("participant", "version", "eps_255", "answer")

@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from pipeline.errors import DatasetError
+from pipeline.core.errors import DatasetError
 from pipeline.survey.manifest import read_image_set
 from pipeline.survey.store import ANSWERS, Participant, PoolImage, SurveyStore, now
 from pipeline.survey.templates import render

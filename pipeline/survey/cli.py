@@ -31,7 +31,7 @@ def _errors():
 
 
 def _params(params: Path):
-    from pipeline.config import SurveyConfig, load_config
+    from pipeline.core.config import SurveyConfig, load_config
 
     return load_config(params).survey if params.exists() else SurveyConfig()
 
@@ -47,7 +47,7 @@ def images(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
     """The image set of one survey version: pool images at every budget as 8-bit PNGs, manifest and summary."""
-    from pipeline.config import format_budget, load_config
+    from pipeline.core.config import format_budget, load_config
     from pipeline.survey.images import build_from_checkpoint
 
     with _errors():
@@ -120,8 +120,8 @@ def export(
     out: Annotated[Path, typer.Option(help="CSV to write (replaced atomically)")] = DEFAULT_RESPONSES,
 ) -> None:
     """Every answer given so far, one row per answer, as CSV (the input of [bold]analyze[/bold])."""
+    from pipeline.core.utils import atomic_path
     from pipeline.survey.store import EXPORT_FIELDS, SurveyStore, SurveyStoreError, database_url
-    from pipeline.utils import atomic_path
 
     with _errors():
         url = database_url(db)

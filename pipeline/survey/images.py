@@ -21,10 +21,10 @@ import torch.nn as nn
 from PIL import Image
 from tqdm.auto import tqdm
 
+from pipeline.core.errors import CheckpointError, DatasetError, OutputConflict
+from pipeline.core.utils import atomic_path, sha256_file
 from pipeline.data import ImageDataset
-from pipeline.errors import CheckpointError, DatasetError, OutputConflict
 from pipeline.survey.manifest import FORMAT, MANIFEST, MANIFEST_FIELDS, META, read_image_set  # noqa: F401
-from pipeline.utils import atomic_path, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -222,9 +222,9 @@ def summarise(rows: list[dict[str, Any]], ks: list[int]) -> dict[str, Any]:
 def build_from_checkpoint(cfg, checkpoint: str | Path, version: str, out: str | Path, *,
                           device: Optional[str] = None, progress: bool = True) -> dict[str, Any]:
     """`build_image_set` for a checkpoint file on the test split of the configured dataset (`cfg`: Config)."""
+    from pipeline.core.utils import resolve_device
     from pipeline.data import load_dataset
     from pipeline.models import load_checkpoint
-    from pipeline.utils import resolve_device
 
     if not version or not all(c.isalnum() or c in "_-" for c in version):
         raise ValueError(f"version name {version!r}: use letters, digits, '_' or '-'")

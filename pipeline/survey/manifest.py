@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import DatasetError
+from pipeline.core.errors import DatasetError
 
 FORMAT = "sipat-survey-images-v1"
 MANIFEST = "manifest.csv"

@@ -23,7 +23,7 @@ from typing import Any, Iterator, Optional
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from pipeline.errors import SipatError
+from pipeline.core.errors import SipatError
 
 log = logging.getLogger(__name__)
 
