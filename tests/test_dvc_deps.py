@@ -57,7 +57,12 @@ def _closure(start: str) -> set[Path]:
 
 
 def _stages() -> dict[str, dict]:
-    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    """Stages of dvc.yaml and of survey/dvc.yaml (whose paths are relative to the root too: wdir '..')."""
+    stages = dict(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
+    for name, spec in yaml.safe_load((ROOT / "survey" / "dvc.yaml").read_text())["stages"].items():
+        assert spec.get("wdir") == ".."
+        stages[f"survey/dvc.yaml:{name}"] = spec
+    return stages
 
 
 def _code_deps(spec: dict) -> list[Path]:
