@@ -35,6 +35,7 @@ def tiny_repo(tmp_path_factory):
     params["train"].update(epochs=1, batch_size=128)
     params["attack"]["steps"] = 2
     params["evaluate"].update(eps=["32/255"], teacher_eps=["32/255"], n_examples=12)
+    params["survey"].update(per_class=1, steps=5)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (root / ".gitignore").write_text("__pycache__/\n")
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
@@ -64,15 +65,19 @@ def test_dvc_repro_end_to_end(tiny_repo):
     assert not [p for p in root.joinpath("data").rglob("*.tmp")]
 
     again = _run(["dvc", "repro"], root, env)
-    assert "Data and pipelines are up to date" in again
+    assert [line for line in again.splitlines() if line.startswith("Running stage")] == ["Running stage 'prepare':"]
+    assert _status(root, env) == set()  # prepare wrote the same bytes: nothing downstream is stale
 
     shown = _run(["dvc", "metrics", "show", "--json"], root, env)
     assert "clean_acc" in shown and "eps_32_255" in shown
 
 
 def _status(root, env) -> set[str]:
+    """Stages with changed dependencies (`prepare` re-reads the data root at every repro: always listed)."""
     out = _run(["dvc", "status", "--json"], root, env)
-    return set(json.loads(out[out.index("{"):]))
+    status = json.loads(out[out.index("{"):])
+    assert status.pop("prepare", ["always changed"]) == ["always changed"]
+    return set(status)
 
 
 def _stage_modules() -> dict[str, str]:
@@ -100,7 +105,7 @@ def test_an_edit_reruns_exactly_the_stages_that_run_the_edited_code(tiny_repo):
             path.write_text(original)
     for rel in ("pipeline/cli.py", "pipeline/report.py"):  # reporting and the CLI rerun nothing
         assert not any(rel in code for code in runs.values())
-    assert "Data and pipelines are up to date" in _run(["dvc", "status"], root, env)
+    assert _status(root, env) == set()
 
 
 # Which stages a change of each parameter reruns (directly; their consumers follow when they run).
@@ -108,9 +113,10 @@ PARAM_EFFECTS = {
     ("strategy",): {"train"},
     ("model",): {"train"},
     ("seed",): {"train"},
-    ("device",): {"teacher", "masks_synthetic", "train", "evaluate_teacher", "evaluate"},
-    ("data", "image_size"): {"prepare", "teacher", "masks_synthetic", "masks_human", "train", "evaluate_teacher",
-                             "evaluate"},
+    ("device",): {"teacher", "masks_synthetic", "train", "evaluate_teacher", "evaluate", "survey_images_teacher",
+                  "survey_images_student"},
+    ("data", "image_size"): {"teacher", "masks_synthetic", "masks_human", "train", "evaluate_teacher", "evaluate",
+                             "survey_images_teacher", "survey_images_student"},  # and prepare (always listed)
     ("data", "val_fraction"): {"teacher", "train"},
     ("attack", "steps"): {"teacher", "train"},
     ("teacher", "epochs"): {"teacher"},
@@ -120,10 +126,11 @@ PARAM_EFFECTS = {
     ("human_masks", "threshold"): {"masks_human"},
     ("evaluate", "n_examples"): {"evaluate_teacher", "evaluate"},
     ("perf", "amp"): {"teacher", "train"},
+    ("survey", "per_class"): {"survey_images_teacher", "survey_images_student"},
 }
 NEW_VALUES = {"strategy": "madry", "model": "resnet18", "seed": 7, "device": "cpu", "image_size": 12,
               "val_fraction": 0.2, "steps": 3, "epochs": 9, "fraction": 0.25, "chunk_size": 64,
-              "threshold": 0.25, "n_examples": 10, "amp": "off"}
+              "threshold": 0.25, "n_examples": 10, "amp": "off", "per_class": 2}
 
 
 @pytest.mark.parametrize("key", list(PARAM_EFFECTS), ids=".".join)
@@ -159,7 +166,7 @@ def test_forced_reruns_write_identical_outputs(tiny_repo):
     for stage in ("teacher", "masks_synthetic", "masks_human", "train"):
         _run(["dvc", "repro", "-f", "-s", stage], root, env)
     assert outs() == before
-    assert "Data and pipelines are up to date" in _run(["dvc", "status"], root, env)
+    assert _status(root, env) == set()
 
 
 def test_experiment_reruns_only_the_student(tiny_repo):
