@@ -73,11 +73,13 @@ def test_dvc_repro_end_to_end(tiny_repo):
 
 
 def _status(root, env) -> set[str]:
-    """Stages with changed dependencies (`prepare` re-reads the data root at every repro: always listed)."""
+    """Stages with changed dependencies (`prepare`, which re-reads the data root at every repro and so is always
+    listed as "always changed", counts only when something else of it changed)."""
     out = _run(["dvc", "status", "--json"], root, env)
     status = json.loads(out[out.index("{"):])
-    assert status.pop("prepare", ["always changed"]) == ["always changed"]
-    return set(status)
+    prepare = status.pop("prepare", ["always changed"])
+    assert "always changed" in prepare
+    return set(status) | ({"prepare"} if len(prepare) > 1 else set())
 
 
 def _stage_modules() -> dict[str, str]:
@@ -115,8 +117,8 @@ PARAM_EFFECTS = {
     ("seed",): {"train"},
     ("device",): {"teacher", "masks_synthetic", "train", "evaluate_teacher", "evaluate", "survey_images_teacher",
                   "survey_images_student"},
-    ("data", "image_size"): {"teacher", "masks_synthetic", "masks_human", "train", "evaluate_teacher", "evaluate",
-                             "survey_images_teacher", "survey_images_student"},  # and prepare (always listed)
+    ("data", "image_size"): {"prepare", "teacher", "masks_synthetic", "masks_human", "train", "evaluate_teacher",
+                             "evaluate", "survey_images_teacher", "survey_images_student"},
     ("data", "val_fraction"): {"teacher", "train"},
     ("attack", "steps"): {"teacher", "train"},
     ("teacher", "epochs"): {"teacher"},
