@@ -1,16 +1,16 @@
-"""Stage `prepare`: materialise the embedded default (digits as a CUB tree) or check a real dataset's root.
+"""Stage `prepare`: materialise an embedded data set (digits, cluttered digits: CUB trees) or check a real root.
 
     python -m stages.prepare --out data/prepared
 """
 
 import argparse
 import logging
+from pathlib import Path
 
 from pipeline.core.config import load_config
 from pipeline.core.errors import expected_errors
 from pipeline.core.utils import atomic_path, setup_logging, write_json
-from pipeline.data import load_dataset
-from pipeline.data.digits import write_digits_cub
+from pipeline.data import DATASETS, load_dataset
 
 log = logging.getLogger("stages.prepare")
 
@@ -24,9 +24,11 @@ def main() -> None:
         cfg = load_config()
         with atomic_path(args.out, is_dir=True) as tmp:
             summary = {"dataset": cfg.dataset}
-            if cfg.dataset == "digits":
-                summary.update(write_digits_cub(tmp / "digits_cub"))
-                root = str(tmp / "digits_cub")
+            spec = DATASETS.get(cfg.dataset, "dataset")
+            if spec.embedded_writer is not None:  # embedded data sets are written here, under --out
+                tree = tmp / Path(spec.default_root).name
+                summary.update(spec.embedded_writer(tree))
+                root = str(tree)
             else:
                 root = cfg.data.root
             splits = {s: load_dataset(cfg.dataset, root, s, cfg.data.image_size) for s in ("train", "test")}

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from pipeline.core.errors import ConfigError  # noqa: F401  (re-exported: callers import it from here)
 
@@ -43,6 +44,8 @@ def format_budget(eps: float) -> str:
 
 
 Budget = Annotated[float, BeforeValidator(parse_budget), Field(ge=0.0, le=1.0)]
+Share = Annotated[float, BeforeValidator(parse_budget), Field(ge=0.0, le=1.0)]  # a share in [0, 1], e.g. 1/4
+Fraction = Annotated[float, BeforeValidator(parse_budget), Field(gt=0.0, le=1.0)]  # a share in (0, 1], e.g. 7/8
 
 
 class _Strict(BaseModel):
@@ -66,6 +69,15 @@ class AttackConfig(_Strict):
     step_size: Budget = parse_budget("8/255")
     steps: int = Field(10, ge=1)
     random_start: bool = True
+
+    @field_validator("step_size")
+    @classmethod
+    def _step_within_eps(cls, v: float, info: ValidationInfo) -> float:
+        eps = info.data.get("eps")
+        if eps is not None and v > eps + 1e-12:
+            raise ValueError(f"step_size {format_budget(v)} exceeds eps {format_budget(eps)} "
+                             f"(a step larger than the ball is cut by the projection)")
+        return v
 
 
 class ScheduleConfig(_Strict):
@@ -93,26 +105,29 @@ class TeacherConfig(OptimConfig):
     select: Literal["last", "clean", "robust"] = "robust"
 
 
-class TradesConfig(_Strict):
-    beta: float = Field(6.0, ge=0.0)
-
-
-class FatConfig(_Strict):
-    tau: int = Field(0, ge=0)
-    dynamic_tau: bool = True
-    tau_milestones: list[int] = Field(default_factory=lambda: [30, 50, 70])
-
-
-class PartConfig(_Strict):
-    eps_low: Budget = parse_budget("28/255")
-    burn_in: int = Field(1, ge=0)
-    important_fraction: float = Field(0.5, gt=0.0, le=1.0)
-
-
 class StudentConfig(OptimConfig):
-    trades: TradesConfig = Field(default_factory=TradesConfig)
-    fat: FatConfig = Field(default_factory=FatConfig)
-    part: PartConfig = Field(default_factory=PartConfig)
+    """The student's optimiser, plus one section per strategy (`train.fat`, `train.part`, ...).
+
+    Those sections are only checked to be mappings here: each strategy declares and validates its own
+    parameters (`pipeline.strategies`, when the train stage builds the strategy), because loading a config
+    must not import training code.
+    """
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    __pydantic_extra__: dict[str, Any] = Field(init=False)
+    # the authors' code keeps the epoch of best validation clean accuracy (Temp_CVPR train_model.py)
+    select: Literal["last", "clean", "robust"] = "clean"
+
+    @model_validator(mode="after")
+    def _sections_are_mappings(self) -> "StudentConfig":
+        for key, value in (self.__pydantic_extra__ or {}).items():
+            if not isinstance(value, dict):
+                raise ValueError(f"unknown key {key!r} (the train section takes optimiser keys and one mapping "
+                                 f"per strategy, e.g. `fat: {{omega: 0.001}}`)")
+        return self
+
+    def strategy_sections(self) -> dict[str, dict[str, Any]]:
+        return dict(self.__pydantic_extra__ or {})
 
 
 class SalienceConfig(_Strict):
@@ -123,6 +138,8 @@ class SalienceConfig(_Strict):
 
 
 class HumanMaskConfig(_Strict):
+    # salient where segmentation / 255 >= threshold, an absolute level as in the authors' code
+    # (Temp_CVPR train_model.py thresholds the [0, 1] map at 0.5)
     threshold: float = Field(0.5, gt=0.0, le=1.0)
     missing: Literal["error", "empty"] = "error"
 
