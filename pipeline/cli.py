@@ -6,7 +6,7 @@ import contextlib
 import json
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterator, Optional
+from typing import Annotated, Any, Iterator, Optional
 
 import typer
 from rich import box
@@ -216,47 +216,6 @@ def _reload_dataset(store: Path, attrs: dict[str, Any], root: Optional[Path]):
                            f"(pass --root to point at the dataset)") from None
 
 
-def render_mask_grid(images, rows: list[tuple[str, Any]], titles: list[str], out: Path, suptitle: str) -> None:
-    """PNG: a row of images, then one row per mask set with the mask overlaid in red (Agg, no pyplot state).
-
-    `images` is float [n, C, H, W] in [0, 1]; each mask set is bool [n, C, H, W]; where only some channels are
-    salient the overlay is fainter.
-    """
-    import matplotlib
-    import numpy as np
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    from pipeline.core.utils import atomic_path
-
-    n = images.shape[0]
-    nrows = 1 + len(rows)
-    fig = Figure(figsize=(1.7 * n + 0.6, 1.75 * nrows + 0.5), layout="constrained")
-    axes = fig.subplots(nrows, n, squeeze=False)
-    pics = images.permute(0, 2, 3, 1).clamp(0, 1).numpy()
-    if pics.shape[-1] == 1:
-        pics = pics.repeat(3, axis=-1)
-    for j in range(n):
-        axes[0, j].imshow(pics[j], interpolation="nearest")
-        axes[0, j].set_title(titles[j], fontsize=8)
-        for r, (_, masks) in enumerate(rows, start=1):
-            share = masks[j].float().mean(0).numpy()  # fraction of channels marked salient
-            overlay = np.zeros((*share.shape, 4), dtype=np.float32)
-            overlay[..., 0] = 1.0
-            overlay[..., 3] = 0.6 * share
-            axes[r, j].imshow(pics[j] * 0.8, interpolation="nearest")
-            axes[r, j].imshow(overlay, interpolation="nearest")
-    for r, label in enumerate(["image"] + [name for name, _ in rows]):
-        axes[r, 0].set_ylabel(label, fontsize=9)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle(suptitle, fontsize=9)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-
-
 @masks_app.command("show")
 def masks_show(
     store: Annotated[Path, typer.Argument(help="a mask store (.zarr folder)")],
@@ -271,6 +230,7 @@ def masks_show(
     """A PNG grid of images with their masks overlaid (cf. the paper's Figures 2 and 4)."""
     import torch
 
+    from pipeline.figures import render_mask_grid
     from pipeline.maskstore import MaskStore, MaskStoreError, read_store_attrs
 
     with _errors():
@@ -297,70 +257,84 @@ def masks_show(
 
 # =============================================================================================== report
 
-STUDENT_METRICS = "data/metrics/student.json"
+def _experiment_metrics(all_commits: bool) -> list[dict[str, Any]]:
+    """Student metrics of the workspace, HEAD (or every commit) and their finished DVC experiments."""
+    import dvc.api
+
+    from pipeline.report import STUDENT_METRICS, rows_from_experiments
+
+    def read(rev: str) -> str:
+        if rev == "workspace":
+            return Path(STUDENT_METRICS).read_text()
+        return dvc.api.read(STUDENT_METRICS, rev=rev)
+
+    return rows_from_experiments(dvc.api.exp_show(num=-1 if all_commits else 1), read)
 
 
-def rows_from_experiments(exp_rows: list[dict[str, Any]], read: Callable[[str], str]) -> list[dict]:
-    """Student metrics of each finished experiment listed by `dvc.api.exp_show()`.
+def _print_group(group) -> None:
+    """A group's title, table (like `sipat metrics`), protocol and notes."""
+    from pipeline.report import table_cells
 
-    The file is read whole at the experiment's revision (`read(rev)`): exp_show's flattened columns are
-    shared between metric files and may omit keys that only some files have.
-    """
-    from pipeline.report import is_metrics
-
-    out = []
-    for row in exp_rows:
-        rev = row.get("rev")
-        if row.get("typ") == "baseline" and rev != "workspace":
-            continue  # the commit itself: same as the workspace when nothing changed, or stale
-        if row.get("State") not in (None, "Success") or not rev:
-            continue  # queued, running or failed
-        try:
-            metrics = json.loads(read(rev))
-        except (FileNotFoundError, json.JSONDecodeError, OSError, KeyError):
-            continue  # never evaluated
-        if is_metrics(metrics) and metrics.get("role", "student") == "student":
-            out.append(dict(metrics, source=row.get("Experiment") or rev))
-    return out
+    head, rows = table_cells(group)
+    table = Table(box=box.SIMPLE_HEAD)
+    for h in head:
+        table.add_column(h, justify="left" if h == "Strategy" else "right", no_wrap=True)
+    for r in rows:
+        table.add_row(*(f"[bold]{escape(t)}[/bold]" if best else escape(t) for t, best in r))
+    console.print(f"[bold]{escape(group.title)}[/bold]", soft_wrap=True)
+    console.print(table)
+    console.print(f"[dim]{escape(group.details)}[/dim]")
+    for note in group.notes:
+        console.print(f"[yellow]•[/yellow] {escape(note)}")
+    console.print()
 
 
 @app.command("report")
 def report(
     metrics_dir: Annotated[Optional[Path], typer.Option("--metrics-dir", help="a folder of metrics JSON files "
                            "(searched recursively) instead of the DVC experiments of this repository")] = None,
-    out_md: Annotated[Path, typer.Option("--out", help="Markdown table")] = Path("reports/comparison.md"),
-    out_png: Annotated[Path, typer.Option("--plot", help="accuracy vs ε plot (PNG)")] = Path("reports/comparison.png"),
+    out_md: Annotated[Path, typer.Option("--out", help="Markdown: one section per group of comparable runs")]
+    = Path("reports/comparison.md"),
+    out_png: Annotated[Path, typer.Option("--plot", help="accuracy vs ε plots (PNG): one per group, named "
+                                                         "[bold]<stem>_<group>.png[/bold] beside this path")]
+    = Path("reports/comparison.png"),
     all_commits: Annotated[bool, typer.Option("--all-commits", help="experiments of every commit, not just HEAD")] = False,
 ) -> None:
-    """The paper-style table: rows strategies, columns clean and each ε, mean ± std over seeds, best in bold."""
+    """Paper-style tables: rows strategies, columns clean and each ε, mean ± std over seeds, best in bold.
+
+    One table and plot per group of comparable runs (same dataset, model, training budget and schedule,
+    evaluated points and ε set); a run found in several places (the workspace and its experiment) counts once.
+    """
+    import os
+
     from pipeline.core.utils import atomic_path
-    from pipeline.report import aggregate, load_metrics_dir, plot, to_markdown
+    from pipeline.figures import plot_comparison
+    from pipeline.report import compare, load_metrics_dir, plot_path, to_markdown
 
     with _errors():
         if metrics_dir is not None:
             if not metrics_dir.is_dir():
                 raise FileNotFoundError(f"metrics folder not found: {metrics_dir}")
-            rows = load_metrics_dir(metrics_dir)
-            where = str(metrics_dir)
+            rows, where = load_metrics_dir(metrics_dir), str(metrics_dir)
         else:
-            import dvc.api
-
-            def read(rev: str) -> str:
-                if rev == "workspace":
-                    return Path(STUDENT_METRICS).read_text()
-                return dvc.api.read(STUDENT_METRICS, rev=rev)
-
-            rows = rows_from_experiments(dvc.api.exp_show(num=-1 if all_commits else 1), read)
-            where = "DVC experiments"
+            rows, where = _experiment_metrics(all_commits), "DVC experiments"
         if not rows:
             raise ValueError(f"no evaluated student runs found in {where}")
-        agg = aggregate(rows)
-        md = to_markdown(agg)
+        groups, warnings = compare(rows)
+        plots = {g.slug: plot_path(out_png, g.slug) for g in groups}
+        for g in groups:
+            plot_comparison(g, plots[g.slug])
+        md = to_markdown(groups, {s: os.path.relpath(p, out_md.parent) for s, p in plots.items()})
         with atomic_path(out_md) as tmp:
             tmp.write_text(md)
-        plot(agg, out_png, title=f"{len(rows)} runs")
-    typer.echo(md)
-    console.print(f"wrote [bold]{out_md}[/bold] and [bold]{out_png}[/bold] from {len(rows)} runs ({where})")
+    for w in warnings:
+        err_console.print(f"[bold yellow]warning:[/bold yellow] {escape(w)}", soft_wrap=True)
+    for g in groups:
+        _print_group(g)
+    n_runs = sum(len(g.runs) for g in groups)
+    console.print(f"wrote [bold]{escape(str(out_md))}[/bold] and {len(plots)} plot(s) "
+                  f"({escape(', '.join(str(p) for p in plots.values()))}) from {n_runs} run(s) in {len(groups)} "
+                  f"group(s) ({escape(where)})", soft_wrap=True)
 
 
 @app.command("metrics")
@@ -369,7 +343,7 @@ def metrics(
 ) -> None:
     """Clean and AutoAttack robust accuracy (%) of evaluated models, one row per metrics file
     ([bold]dvc metrics show[/bold] lists every key, including the per-attack breakdown)."""
-    from pipeline.report import is_metrics, summary_table
+    from pipeline.report import STUDENT_METRICS, is_metrics, summary_table
 
     with _errors():
         paths = files or [Path("data/metrics/teacher.json"), Path(STUDENT_METRICS)]

@@ -103,7 +103,10 @@ def test_stages_write_stores_and_an_unavailable_human_store(setup, monkeypatch):
     setup["ckpt"].rename(work / "data" / "teacher" / "model.pt")
     write_params(work / "params.yaml", setup["root"])
     monkeypatch.chdir(work)
+    monkeypatch.setattr("sys.argv", ["masks_synthetic", "--teacher", "data/teacher/model.pt",
+                                     "--out", "data/masks/synthetic.zarr"])
     masks_synthetic.main()
+    monkeypatch.setattr("sys.argv", ["masks_human", "--out", "data/masks/human.zarr"])
     masks_human.main()
     assert len(MaskStore.open("data/masks/synthetic.zarr", dataset=setup["ds"], kind="synthetic")) == 6
     assert len(MaskStore.open("data/masks/human.zarr", dataset=setup["ds"], kind="human")) == 6

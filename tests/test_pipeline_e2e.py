@@ -69,16 +69,94 @@ def test_dvc_repro_end_to_end(tiny_repo):
     shown = _run(["dvc", "metrics", "show", "--json"], root, env)
     assert "clean_acc" in shown and "eps_32_255" in shown
 
-    # Code edits invalidate exactly the stages that run that code.
-    with open(root / "pipeline" / "report.py", "a") as f:
-        f.write("\n# edited\n")
+
+def _status(root, env) -> set[str]:
+    out = _run(["dvc", "status", "--json"], root, env)
+    return set(json.loads(out[out.index("{"):]))
+
+
+def _stage_modules() -> dict[str, str]:
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    return {name: spec["cmd"].split("-m ")[1].split()[0] for name, spec in stages.items()}
+
+
+def test_an_edit_reruns_exactly_the_stages_that_run_the_edited_code(tiny_repo):
+    """Every library and stage module in turn: `dvc status` names the stages whose imports reach it, no more."""
+    from test_dvc_deps import _closure
+
+    root, env = tiny_repo
+    runs = {stage: {str(f.relative_to(REPO)) for f in _closure(mod)} for stage, mod in _stage_modules().items()}
+    files = sorted(str(f.relative_to(root)) for d in ("pipeline", "stages") for f in (root / d).rglob("*.py")
+                   if f.relative_to(root) != Path("pipeline/__init__.py"))
+    assert len(files) > 20
+    for rel in files:
+        path = root / rel
+        original = path.read_text()
+        path.write_text(original + "\n# edited\n")
+        try:
+            expected = {stage for stage, code in runs.items() if rel in code}
+            assert _status(root, env) == expected, rel
+        finally:
+            path.write_text(original)
+    for rel in ("pipeline/cli.py", "pipeline/report.py"):  # reporting and the CLI rerun nothing
+        assert not any(rel in code for code in runs.values())
     assert "Data and pipelines are up to date" in _run(["dvc", "status"], root, env)
-    evaluation = root / "pipeline" / "evaluation.py"
-    original = evaluation.read_text()
-    evaluation.write_text(original + "\n# edited\n")
-    status = _run(["dvc", "status", "--json"], root, env)
-    assert set(json.loads(status[status.index("{"):])) == {"teacher", "train", "evaluate_teacher", "evaluate"}
-    evaluation.write_text(original)
+
+
+# Which stages a change of each parameter reruns (directly; their consumers follow when they run).
+PARAM_EFFECTS = {
+    ("strategy",): {"train"},
+    ("model",): {"train"},
+    ("seed",): {"train"},
+    ("device",): {"teacher", "masks_synthetic", "train", "evaluate_teacher", "evaluate"},
+    ("data", "image_size"): {"prepare", "teacher", "masks_synthetic", "masks_human", "train", "evaluate_teacher",
+                             "evaluate"},
+    ("data", "val_fraction"): {"teacher", "train"},
+    ("attack", "steps"): {"teacher", "train"},
+    ("teacher", "epochs"): {"teacher"},
+    ("train", "epochs"): {"train"},
+    ("salience", "fraction"): {"masks_synthetic"},
+    ("salience", "chunk_size"): {"masks_synthetic", "masks_human"},
+    ("human_masks", "threshold"): {"masks_human"},
+    ("evaluate", "n_examples"): {"evaluate_teacher", "evaluate"},
+    ("perf", "amp"): {"teacher", "train"},
+}
+NEW_VALUES = {"strategy": "madry", "model": "resnet18", "seed": 7, "device": "cpu", "image_size": 12,
+              "val_fraction": 0.2, "steps": 3, "epochs": 9, "fraction": 0.25, "chunk_size": 64,
+              "threshold": 0.25, "n_examples": 10, "amp": "off"}
+
+
+@pytest.mark.parametrize("key", list(PARAM_EFFECTS), ids=".".join)
+def test_a_parameter_change_reruns_exactly_the_stages_that_read_it(tiny_repo, key):
+    root, env = tiny_repo
+    params_file = root / "params.yaml"
+    original = params_file.read_text()
+    params = yaml.safe_load(original)
+    node = params
+    for part in key[:-1]:
+        node = node.setdefault(part, {})
+    assert node.get(key[-1]) != NEW_VALUES[key[-1]], key
+    node[key[-1]] = NEW_VALUES[key[-1]]
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        assert _status(root, env) == PARAM_EFFECTS[key]
+    finally:
+        params_file.write_text(original)
+
+
+def test_forced_reruns_write_identical_outputs(tiny_repo):
+    """Training and mask extraction on the CPU are deterministic and store no timings: same bytes, same hashes."""
+    root, env = tiny_repo
+
+    def outs() -> dict[str, str]:
+        lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+        return {f"{stage}:{o['path']}": o["md5"] for stage in ("teacher", "masks_synthetic", "masks_human", "train")
+                for o in lock[stage]["outs"]}
+
+    before = outs()
+    for stage in ("teacher", "masks_synthetic", "masks_human", "train"):
+        _run(["dvc", "repro", "-f", "-s", stage], root, env)
+    assert outs() == before
     assert "Data and pipelines are up to date" in _run(["dvc", "status"], root, env)
 
 

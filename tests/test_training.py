@@ -47,20 +47,21 @@ def test_a_state_from_another_configuration_is_not_resumed(digits_root, tmp_path
     assert [r["epoch"] for r in summary["history"]] == [1, 2, 3]  # started over
 
 
-@pytest.mark.parametrize("strategy", ["basic", "madry", "trades", "sip_s"])
-def test_fast_path_loss_and_gradients_match_fp32(strategy):
+def test_fast_path_loss_and_gradients_match_fp32():
     """bf16 autocast + channels-last (the CUDA defaults) against fp32 on one fixed batch.
 
     Compared on one step, not after epochs of training: a few epochs magnify any kernel difference between
-    processors, and CPU bf16 kernels differ between them. bf16 keeps 8 mantissa bits (relative rounding
-    about 4e-3); through a small network the loss stays within 3 % and the weight gradient points the same
-    way (cosine > 0.98).
+    processors, and CPU bf16 kernels differ between them. Attacks are left out here: their sign steps turn
+    rounding differences into different (equally valid) perturbations; the test below checks what must hold
+    for them exactly. bf16 keeps 8 mantissa bits (relative rounding about 4e-3); through a small network the
+    loss stays within 3 % and the weight gradient points the same way (cosine > 0.98).
     """
+    strategy = "basic"
     torch.manual_seed(0)
-    model = build_model("smallcnn", 10, (0.5,), (0.25,))
-    x = torch.rand(32, 1, 16, 16)
+    model = build_model("smallcnn", 10, (0.5,) * 3, (0.25,) * 3)
+    x = torch.rand(32, 3, 16, 16)
     y = torch.randint(0, 10, (32,))
-    mask = torch.rand(32, 1, 16, 16) < 0.3
+    mask = torch.rand(32, 3, 16, 16) < 0.3
     cfg = config_from_dict({"attack": {"steps": 3}})
     results = {}
     for name, fast in (("plain", False), ("fast", True)):
@@ -83,10 +84,10 @@ def test_fast_path_loss_and_gradients_match_fp32(strategy):
 
 def test_salient_elements_stay_exactly_unperturbed_under_autocast():
     torch.manual_seed(0)
-    model = build_model("smallcnn", 10, (0.5,), (0.25,)).to(memory_format=torch.channels_last)
-    x = torch.rand(16, 1, 16, 16).contiguous(memory_format=torch.channels_last)
+    model = build_model("smallcnn", 10, (0.5,) * 3, (0.25,) * 3).to(memory_format=torch.channels_last)
+    x = torch.rand(16, 3, 16, 16).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (16,))
-    mask = torch.rand(16, 1, 16, 16) < 0.4
+    mask = torch.rand(16, 3, 16, 16) < 0.4
     with torch.autocast("cpu", dtype=torch.bfloat16):
         x_adv = pgd(model, x, y, eps=32 / 255, step_size=8 / 255, steps=5, mask=mask)
     assert x_adv.dtype == torch.float32

@@ -1,0 +1,82 @@
+"""PNG figures: mask grids (cf. the paper's Figures 2 and 4) and accuracy against ε per comparison group.
+
+Figures are drawn on matplotlib's object API with the Agg backend: no pyplot state, no display needed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.core.utils import atomic_path
+
+if TYPE_CHECKING:
+    from pipeline.report import Group
+
+
+def _figure(**kwargs: Any):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
+
+
+def render_mask_grid(images, rows: list[tuple[str, Any]], titles: list[str], out: str | Path,
+                     suptitle: str) -> None:
+    """A row of images, then one row per mask set with the mask overlaid in red.
+
+    `images` is float [n, C, H, W] in [0, 1]; each mask set is bool [n, C, H, W]; where only some channels are
+    salient the overlay is fainter.
+    """
+    import numpy as np
+
+    n = images.shape[0]
+    nrows = 1 + len(rows)
+    fig = _figure(figsize=(1.7 * n + 0.6, 1.75 * nrows + 0.5), layout="constrained")
+    axes = fig.subplots(nrows, n, squeeze=False)
+    pics = images.permute(0, 2, 3, 1).clamp(0, 1).numpy()
+    if pics.shape[-1] == 1:
+        pics = pics.repeat(3, axis=-1)
+    for j in range(n):
+        axes[0, j].imshow(pics[j], interpolation="nearest")
+        axes[0, j].set_title(titles[j], fontsize=8)
+        for r, (_, masks) in enumerate(rows, start=1):
+            share = masks[j].float().mean(0).numpy()  # fraction of channels marked salient
+            overlay = np.zeros((*share.shape, 4), dtype=np.float32)
+            overlay[..., 0] = 1.0
+            overlay[..., 3] = 0.6 * share
+            axes[r, j].imshow(pics[j] * 0.8, interpolation="nearest")
+            axes[r, j].imshow(overlay, interpolation="nearest")
+    for r, label in enumerate(["image"] + [name for name, _ in rows]):
+        axes[r, 0].set_ylabel(label, fontsize=9)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(suptitle, fontsize=9)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+
+
+def plot_comparison(group: "Group", out: str | Path) -> None:
+    """Accuracy against ε for one comparison group, one line per row of its table (clean accuracy at ε = 0),
+    error bars = std over seeds; a missing result leaves a gap. Titled with the group's title."""
+    from pipeline.report import eps_value
+
+    cols = group.columns
+    xs = [0.0] + [eps_value(c) * 255 for c in cols[1:]]
+    fig = _figure(figsize=(6.4, 4.4), dpi=120, layout="constrained")
+    ax = fig.subplots()
+    for r in group.rows:
+        cells = [r["cells"][c] for c in cols]
+        ax.errorbar(xs, [e["mean"] for e in cells], yerr=[e["std"] for e in cells], marker="o", capsize=3,
+                    label=r["label"], linestyle="--" if r["strategy"].startswith("sip") else "-")
+    ax.set_xlabel("ε (×1/255); 0 = clean")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_xticks(xs)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(group.title, fontsize=8)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
