@@ -7,8 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from pipeline.core.errors import ConfigError  # noqa: F401  (re-exported: callers import it from here)
 
@@ -114,17 +113,9 @@ class StudentConfig(OptimConfig):
     """
 
     model_config = ConfigDict(extra="allow", validate_assignment=True)
-    __pydantic_extra__: dict[str, Any] = Field(init=False)
+    __pydantic_extra__: dict[str, dict[str, Any]] = Field(init=False)  # a key that is no mapping: unknown
     # the authors' code keeps the epoch of best validation clean accuracy (Temp_CVPR train_model.py)
     select: Literal["last", "clean", "robust"] = "clean"
-
-    @model_validator(mode="after")
-    def _sections_are_mappings(self) -> "StudentConfig":
-        for key, value in (self.__pydantic_extra__ or {}).items():
-            if not isinstance(value, dict):
-                raise ValueError(f"unknown key {key!r} (the train section takes optimiser keys and one mapping "
-                                 f"per strategy, e.g. `fat: {{omega: 0.001}}`)")
-        return self
 
     def strategy_sections(self) -> dict[str, dict[str, Any]]:
         return dict(self.__pydantic_extra__ or {})
@@ -191,12 +182,17 @@ class Config(_Strict):
     perf: PerfConfig = Field(default_factory=PerfConfig)
 
 
+def _unknown_train_key(loc: tuple, kind: str) -> bool:
+    """`train.<key>` that is neither an optimiser key nor a mapping (a strategy section): a misspelt key."""
+    return kind == "dict_type" and len(loc) == 2 and loc[0] == "train" and loc[1] not in StudentConfig.model_fields
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid parameters in {source}:"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"]
-        if e["type"] == "extra_forbidden":
+        if e["type"] == "extra_forbidden" or _unknown_train_key(e["loc"], e["type"]):
             msg = "unknown key (check the spelling; see params.yaml for the accepted keys)"
         lines.append(f"  {key}: {msg}")
     return "\n".join(lines)
