@@ -39,13 +39,15 @@ def _ce_sum(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: Budget, step_size: Budget, steps: int,
         mask: Optional[torch.Tensor] = None, init: Literal["uniform", "normal", "none"] = "uniform",
         init_std: float = 0.001, loss_fn: Optional[LossFn] = None, tau: Optional[int] = None,
-        generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        noise_std: float = 0.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Return x + δ maximising `loss_fn(model(x + δ), y)` with sign-gradient steps (Madry et al.).
 
     eps, step_size: floats, or tensors broadcastable to x (per-element budgets).
     mask: bool tensor shaped like x; True marks salient elements that must stay unperturbed.
     init: uniform in the ε-ball (Madry), N(0, init_std²) (TRADES), or none.
     tau: if set, an example stops moving once it has been misclassified at tau further steps (FAT).
+    noise_std: N(0, noise_std²) added to every step of the examples still moving, before the projection
+        (FAT's ω, `earlystop.py`), to escape flat regions.
     The model is put in eval mode while attacking (batch-norm statistics see only clean training batches)
     and restored afterwards. Gradients flow only to δ, never to the weights. Under an enclosing
     `torch.autocast` the forward passes run in reduced precision while δ, the projection and the mask stay fp32.
@@ -86,6 +88,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: Budget, step
                     break
             (grad,) = torch.autograd.grad(loss, delta)
             step = step_size * grad.sign()
+            if noise_std > 0:
+                step = step + noise_std * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
             if active is not None:
                 step = step * active.view(-1, *([1] * (x.dim() - 1)))
             delta = project(delta.detach() + step, x, eps, mask)

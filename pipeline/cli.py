@@ -123,7 +123,7 @@ def masks_human(
     out: Annotated[Path, typer.Option(help="store to write (replaced atomically)")],
     image_size: Annotated[Optional[int], typer.Option(min=4, help="must match training "
                                                                   "[dim](default: data.image_size)[/dim]")] = None,
-    threshold: Annotated[Optional[float], typer.Option(help="salient where value >= threshold × image maximum "
+    threshold: Annotated[Optional[float], typer.Option(help="salient where value / 255 >= threshold "
                                                             "[dim](default: human_masks.threshold)[/dim]")] = None,
     missing: Annotated[Optional[MissingChoice], typer.Option(help="missing/unreadable segmentations: error, or "
                                                                   "empty masks [dim](default: human_masks.missing)"

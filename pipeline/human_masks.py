@@ -21,17 +21,20 @@ log = logging.getLogger(__name__)
 
 Missing = Literal["error", "empty"]
 
-HUMAN_RULE = ("segmentation PNG resized like its image (bilinear, to image_size²), salient where value >= "
-              "threshold × the image's maximum; one channel broadcast over C")
+HUMAN_RULE = ("segmentation PNG resized like its image (bilinear, to image_size²), salient where value / 255 >= "
+              "threshold (absolute, as the authors' code); one channel broadcast over C")
 
 
 # ----------------------------------------------------------------------------------------------- human
 
 def binarise(segmentations: torch.Tensor, threshold: float) -> torch.Tensor:
-    """uint8 [B, 1, H, W] -> bool: value >= threshold × the image's maximum; an all-zero image -> empty."""
-    seg = segmentations.float()
-    peak = seg.amax(dim=(1, 2, 3), keepdim=True)
-    return (seg >= threshold * peak) & (peak > 0)
+    """uint8 [B, 1, H, W] -> bool: value / 255 >= threshold.
+
+    Absolute, as the authors' code (Temp_CVPR `train_model.py` keeps the perturbation where 1 − map >= 0.5 for
+    the map in [0, 1]; on uint8 values, salient at 0.5 means value >= 128 either way). A faint segmentation
+    whose peak stays below the level gives an empty mask rather than a rescaled one.
+    """
+    return segmentations.float() >= threshold * 255.0
 
 
 class HumanMasks:

@@ -1,4 +1,4 @@
-"""Stage `prepare`: materialise the embedded default (digits as a CUB tree) or check a real dataset's root.
+"""Stage `prepare`: materialise an embedded data set (digits, cluttered digits: CUB trees) or check a real root.
 
     python -m stages.prepare --out data/prepared
 
@@ -34,16 +34,17 @@ def main() -> None:
     with expected_errors():  # imports inside: Ctrl-C while torch loads is one line too
         from pipeline.core.config import load_config
         from pipeline.core.utils import atomic_path, setup_logging, write_json
-        from pipeline.data import content_fingerprint, load_dataset
-        from pipeline.data.digits import write_digits_cub
+        from pipeline.data import DATASETS, content_fingerprint, load_dataset
 
         setup_logging()
         cfg = load_config()
         with atomic_path(args.out, is_dir=True, owned=is_prepared) as tmp:
             summary = {"dataset": cfg.dataset}
-            if cfg.dataset == "digits":
-                summary.update(write_digits_cub(tmp / "digits_cub"))
-                root = str(tmp / "digits_cub")
+            spec = DATASETS.get(cfg.dataset, "dataset")
+            if spec.embedded_writer is not None:  # embedded data sets are written here, under --out
+                tree = tmp / Path(spec.default_root).name
+                summary.update(spec.embedded_writer(tree))
+                root = str(tree)
             else:
                 root = cfg.data.root
             splits = {s: load_dataset(cfg.dataset, root, s, cfg.data.image_size) for s in ("train", "test")}

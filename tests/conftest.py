@@ -16,25 +16,20 @@ torch.set_num_threads(2)
 def make_cub_tree(root: Path, *, n_classes: int = 3, per_class: int = 4, size: int = 20, seed: int = 0,
                   grayscale_ids: tuple[int, ...] = (2,), with_segmentations: bool = True,
                   soft_segmentations: bool = True) -> Path:
-    """A miniature CUB-200-2011 tree: JPEG images (one grayscale), index files and soft PNG segmentations."""
+    """A miniature CUB-200-2011 tree: JPEG images (one grayscale), index files and soft PNG segmentations,
+    written by the library's one CUB-tree writer."""
+    from pipeline.data.digits import write_cub_tree
+
     rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    lines_img, lines_lab, lines_split, classes = [], [], [], []
+    images, segs, labels, names, is_train = [], [], [], [], []
     k = 0
     for c in range(n_classes):
-        cdir = f"{c + 1:03d}.Bird_{c}"
-        classes.append(f"{c + 1} {cdir}")
-        (root / "images" / cdir).mkdir(parents=True, exist_ok=True)
-        if with_segmentations:
-            (root / "segmentations" / cdir).mkdir(parents=True, exist_ok=True)
         for j in range(per_class):
             k += 1
-            rel = f"{cdir}/Bird_{c}_{j:04d}_{k}.jpg"
             pix = rng.integers(0, 256, size=(size, size + 4, 3), dtype=np.uint8)
-            img = Image.fromarray(pix, "RGB")
             if k in grayscale_ids:
-                img = img.convert("L")
-            img.save(root / "images" / rel, quality=95)
+                pix = np.asarray(Image.fromarray(pix, "RGB").convert("L"))
+            images.append(pix)
             if with_segmentations:
                 seg = np.zeros((size, size + 4), dtype=np.float64)
                 seg[size // 4: 3 * size // 4, size // 4: 3 * size // 4 + 2] = 1.0
@@ -43,15 +38,12 @@ def make_cub_tree(root: Path, *, n_classes: int = 3, per_class: int = 4, size: i
                     seg[size // 4 - 1, :] = 60
                 else:
                     seg *= 255
-                Image.fromarray(seg.astype(np.uint8), "L").save(root / "segmentations" / Path(rel).with_suffix(".png"))
-            lines_img.append(f"{k} {rel}")
-            lines_lab.append(f"{k} {c + 1}")
-            lines_split.append(f"{k} {1 if j < per_class - 1 else 0}")
-    (root / "images.txt").write_text("\n".join(lines_img) + "\n")
-    (root / "image_class_labels.txt").write_text("\n".join(lines_lab) + "\n")
-    (root / "train_test_split.txt").write_text("\n".join(lines_split) + "\n")
-    (root / "classes.txt").write_text("\n".join(classes) + "\n")
-    return root
+                segs.append(seg.astype(np.uint8))
+            labels.append(c)
+            names.append(f"Bird_{c}_{j:04d}_{k}")
+            is_train.append(j < per_class - 1)
+    return write_cub_tree(root, images, labels, is_train, [f"{c + 1:03d}.Bird_{c}" for c in range(n_classes)],
+                          segmentations=segs if with_segmentations else None, names=names, image_ext=".jpg")
 
 
 def make_cifar_tree(root: Path, name: str = "cifar10", per_file: int = 6, seed: int = 0) -> Path:

@@ -20,29 +20,38 @@ def _run(args, cwd, env):
     return proc.stdout + proc.stderr
 
 
+TINY = """
+teacher: {epochs: 2, batch_size: 128}
+train: {epochs: 1, batch_size: 128}
+attack: {steps: 2}
+evaluate: {eps: [32/255], teacher_eps: [32/255], n_examples: 12}
+survey: {per_class: 1, steps: 5}
+"""
+
+
 @pytest.fixture(scope="module")
 def tiny_repo(tmp_path_factory):
     root = tmp_path_factory.mktemp("repo")
-    for item in ("pipeline", "stages", "dvc.yaml"):
+    for item in ("pipeline", "stages", "conf", "dvc.yaml"):
         src = REPO / item
         if src.is_dir():
             shutil.copytree(src, root / item, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(src, root / item)
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["strategy"] = "sip_s"
-    params["teacher"].update(epochs=2, batch_size=128)
-    params["train"].update(epochs=1, batch_size=128)
-    params["attack"]["steps"] = 2
-    params["evaluate"].update(eps=["32/255"], teacher_eps=["32/255"], n_examples=12)
-    params["survey"].update(per_class=1, steps=5)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # The tiny sizes go into the composition's own section (applied after the protocol), so that
+    # `dvc exp run -S ...`, which rewrites params.yaml from conf/, keeps them; params.yaml is that composition.
+    with open(root / "conf" / "config.yaml", "a") as fh:
+        fh.write(TINY)
+    from dvc.utils.hydra import compose_and_dump
+
+    compose_and_dump(root / "params.yaml", str(root / "conf"), None, "config", "", [])
     (root / ".gitignore").write_text("__pycache__/\n")
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
                DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
                GIT_COMMITTER_EMAIL="t@t")
     _run(["git", "init", "-q"], root, env)
     _run(["dvc", "init", "-q"], root, env)
+    _run(["dvc", "config", "hydra.enabled", "true"], root, env)
     _run(["git", "add", "-A"], root, env)
     _run(["git", "commit", "-qm", "init"], root, env)
     return root, env
@@ -181,6 +190,20 @@ def test_experiment_reruns_only_the_student(tiny_repo):
         assert f"Running stage '{stage}'" not in out
     m = json.loads((root / "data/metrics/student.json").read_text())
     assert m["strategy"] == "sip_h"
+
+
+def test_a_protocol_is_selected_with_one_override(tiny_repo):
+    """`dvc exp run -S protocol=NAME` composes conf/ into params.yaml (dry: nothing is run)."""
+    root, env = tiny_repo
+    before = (root / "params.yaml").read_text()
+    try:
+        _run(["dvc", "exp", "run", "--dry", "-S", "protocol=cluttered_digits", "-S", "strategy=sip_h"], root, env)
+        params = yaml.safe_load((root / "params.yaml").read_text())
+        assert (params["dataset"], params["strategy"], params["attack"]["eps"]) == ("cluttered_digits", "sip_h",
+                                                                                    "8/255")
+        assert params["train"]["epochs"] == 1 and params["train"]["fat"]["omega"] == 0.001
+    finally:
+        (root / "params.yaml").write_text(before)
 
 
 def test_queued_grid_runs_in_parallel_and_reports(tiny_repo):

@@ -12,6 +12,7 @@ from PIL import Image
 
 from pipeline.core.errors import CheckpointError
 from pipeline.data import DatasetError, load_dataset
+from pipeline.data.digits import write_cub_tree
 from pipeline.human_masks import binarise, extract_human, human_masks
 from pipeline.maskstore import MaskStore
 from pipeline.models import build_model, save_checkpoint
@@ -37,30 +38,21 @@ def _seg(i: int) -> np.ndarray:
 def make_cub_tree(root: Path, *, segmentations: bool = True, size: int = 8) -> Path:
     """A tiny CUB-200-2011 tree: 8 JPEGs (one grayscale), 3 classes, 6 train / 2 test, soft PNG segmentations."""
     rng = np.random.default_rng(0)
-    lines_img, lines_lab, lines_split = [], [], []
+    images, segs, labels, names = [], [], [], []
     for i in range(1, N_IMAGES + 1):
         cls = (i - 1) % N_CLASSES + 1
-        rel = f"{cls:03d}.Bird_{cls}/Bird_{cls}_{i:04d}.jpg"
-        (root / "images" / rel).parent.mkdir(parents=True, exist_ok=True)
-        if i == GRAY_ID:
-            Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8), mode="L").save(root / "images" / rel)
-        else:
-            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / "images" / rel)
-        if segmentations:
-            seg_path = (root / "segmentations" / rel).with_suffix(".png")
-            seg_path.parent.mkdir(parents=True, exist_ok=True)
-            seg = _seg(i)
-            if size != 8:
-                seg = np.asarray(Image.fromarray(seg).resize((size, size), Image.NEAREST))
-            Image.fromarray(seg, mode="L").save(seg_path)
-        lines_img.append(f"{i} {rel}")
-        lines_lab.append(f"{i} {cls}")
-        lines_split.append(f"{i} {1 if i <= N_TRAIN else 0}")
-    (root / "images.txt").write_text("\n".join(lines_img) + "\n")
-    (root / "image_class_labels.txt").write_text("\n".join(lines_lab) + "\n")
-    (root / "train_test_split.txt").write_text("\n".join(lines_split) + "\n")
-    (root / "classes.txt").write_text("".join(f"{c} {c:03d}.Bird_{c}\n" for c in range(1, N_CLASSES + 1)))
-    return root
+        shape = (size, size) if i == GRAY_ID else (size, size, 3)
+        images.append(rng.integers(0, 256, shape, dtype=np.uint8))
+        seg = _seg(i)
+        if size != 8:
+            seg = np.asarray(Image.fromarray(seg).resize((size, size), Image.NEAREST))
+        segs.append(seg)
+        labels.append(cls - 1)
+        names.append(f"Bird_{cls}_{i:04d}")
+    return write_cub_tree(root, images, labels, [i <= N_TRAIN for i in range(1, N_IMAGES + 1)],
+                          [f"{c:03d}.Bird_{c}" for c in range(1, N_CLASSES + 1)],
+                          segmentations=segs if segmentations else None, names=names, image_ext=".jpg",
+                          jpeg_quality=75)
 
 
 def save_tiny_checkpoint(path: Path, num_classes: int = N_CLASSES, seed: int = 0) -> Path:
@@ -213,20 +205,23 @@ def _train_ids(ds) -> list[int]:
     return [int(s.split(":")[0]) for s in ds.ids]
 
 
-def test_binarise_is_relative_to_each_image_maximum():
-    seg = torch.tensor([[0, 50, 100], [0, 0, 0], [10, 9, 20]], dtype=torch.uint8).view(3, 1, 1, 3)
+def test_binarise_is_an_absolute_level_as_the_authors_code():
+    """Salient where value / 255 >= threshold (Temp_CVPR train_model.py thresholds the [0, 1] map at 0.5):
+    a faint segmentation (peak 100) is not rescaled to its own maximum."""
+    seg = torch.tensor([[0, 127, 128], [255, 0, 0], [50, 100, 100]], dtype=torch.uint8).view(3, 1, 1, 3)
     got = binarise(seg, 0.5).view(3, 3).tolist()
-    assert got == [[False, True, True], [False, False, False], [True, False, True]]
+    assert got == [[False, False, True], [True, False, False], [False, False, False]]
+    assert binarise(seg, 100 / 255).view(3, 3)[2].tolist() == [False, True, True]
 
 
-@pytest.mark.parametrize("threshold,block", [(0.5, 4), (0.75, 2)])
+@pytest.mark.parametrize("threshold,block", [(0.3, 4), (0.5, 2)])  # the block is at 90, its core at 180
 def test_human_masks_from_soft_segmentations(cub, threshold, block):
     it = human_masks(cub, threshold=threshold, batch_size=4, workers=2, progress=False)
     masks = torch.cat([m for _, m in it])
     assert masks.shape == (len(cub), 3, 8, 8)
     for row, image_id in enumerate(_train_ids(cub)):
         seg = torch.from_numpy(_seg(image_id))
-        want = (seg >= threshold * seg.max()) & (seg.max() > 0)
+        want = seg.float() >= threshold * 255
         for c in range(3):  # one channel broadcast over C, the grayscale image included
             assert torch.equal(masks[row, c], want), (image_id, c)
         assert int(masks[row, 0].sum()) == (0 if image_id == ZERO_SEG_ID else block * block)

@@ -1,10 +1,12 @@
+"""Strategies: one module each, registered by name, parameters validated by their own models, one PGD call."""
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.core.config import AttackConfig, StudentConfig
+from pipeline.core.config import AttackConfig, ConfigError, StudentConfig
 from pipeline.models import build_model
-from pipeline.strategies import STRATEGIES, Batch, make_strategy
+from pipeline.strategies import STRATEGIES, Batch, Strategy, make_strategy, strategy_params
 from pipeline.strategies.part import grad_cam, part_budget
 from pipeline.strategies.trades import trades_kl
 from pipeline.training.augment import crop_flip
@@ -20,18 +22,33 @@ def _batch(n=16, seed=0):
     return Batch(x, y, torch.arange(n), mask)
 
 
-def test_all_seven_strategies_are_registered():
+def test_all_seven_strategies_are_registered_under_their_class_name():
     assert set(STRATEGIES.names()) >= {"basic", "madry", "trades", "fat", "part", "sip_s", "sip_h"}
     assert STRATEGIES.get("sip_s").mask_kind == "synthetic"
     assert STRATEGIES.get("sip_h").mask_kind == "human"
     assert STRATEGIES.get("madry").mask_kind is None
+    for name in STRATEGIES:
+        assert STRATEGIES.get(name).name == name
 
 
-@pytest.mark.parametrize("name", ["basic", "madry", "trades", "fat", "part", "sip_s", "sip_h"])
+def test_a_new_strategy_is_one_class_statement():
+    class Doubled(Strategy, name="_doubled_for_test"):
+        def loss(self, model, batch):
+            return 2 * F.cross_entropy(model(self.adversarial(model, batch)), batch.y)
+
+    try:
+        assert STRATEGIES.get("_doubled_for_test") is Doubled
+        strat = make_strategy("_doubled_for_test", ATTACK)
+        assert torch.isfinite(strat.loss(build_model("smallcnn", 4), _batch(4)))
+    finally:
+        STRATEGIES._items.pop("_doubled_for_test")
+
+
+@pytest.mark.parametrize("name", STRATEGIES.names())
 def test_each_strategy_decreases_its_loss_on_a_tiny_batch(name):
     torch.manual_seed(0)
     model = build_model("smallcnn", 4)
-    params = StudentConfig(part={"burn_in": 0}, fat={"tau": 1, "dynamic_tau": False})
+    params = StudentConfig(part={"warmup_fraction": 0}, fat={"tau": 1, "dynamic_tau": False})
     strat = make_strategy(name, ATTACK, params, total_epochs=1)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     b = _batch()
@@ -47,26 +64,43 @@ def test_each_strategy_decreases_its_loss_on_a_tiny_batch(name):
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
 
 
-def test_sip_attack_leaves_salient_elements_untouched(monkeypatch):
-    import pipeline.strategies.madry as madry_mod
+@pytest.mark.parametrize("name", STRATEGIES.names())
+def test_each_strategy_stays_within_eps(name):
+    """The budget (PART's tensor included) and the attack's actual δ never exceed attack.eps, at any epoch."""
+    torch.manual_seed(0)
+    model = build_model("smallcnn", 4)
+    strat = make_strategy(name, ATTACK, StudentConfig(), total_epochs=8)
+    b = _batch(8)
+    for epoch in (0, 7):
+        strat.begin_epoch(epoch)
+        budget = torch.as_tensor(strat.budget(model, b))
+        assert float(budget.max()) <= ATTACK.eps + 1e-7
+        delta = strat.adversarial(model, b) - b.x
+        assert float(delta.abs().max()) <= ATTACK.eps + 1e-6
+        if strat.mask_kind is not None:
+            assert torch.equal(delta[b.mask], torch.zeros_like(delta[b.mask]))
 
-    seen = {}
-    real_pgd = madry_mod.pgd
 
-    def spy(*a, **k):
-        out = real_pgd(*a, **k)
-        seen["x_adv"], seen["mask"] = out, k["mask"]
-        return out
-
-    monkeypatch.setattr(madry_mod, "pgd", spy)
+def test_sip_attack_leaves_salient_elements_untouched():
     model = build_model("smallcnn", 4)
     b = _batch()
-    make_strategy("sip_h", ATTACK).loss(model, b)
-    assert seen["mask"] is b.mask
-    assert torch.equal(seen["x_adv"][b.mask], b.x[b.mask])
-    assert (seen["x_adv"] != b.x)[~b.mask].float().mean() > 0.5
+    x_adv = make_strategy("sip_h", ATTACK).adversarial(model, b)
+    assert torch.equal(x_adv[b.mask], b.x[b.mask])
+    assert (x_adv != b.x)[~b.mask].float().mean() > 0.5
     with pytest.raises(RuntimeError, match="needs masks"):
         make_strategy("sip_s", ATTACK).loss(model, Batch(b.x, b.y, b.index, None))
+
+
+def test_strategy_sections_are_validated_by_name():
+    with pytest.raises(ConfigError) as err:
+        make_strategy("madry", ATTACK, StudentConfig(trades={"betta": 1}, fatt={"tau": 1},
+                                                      part={"low_eps_fraction": "9/8"}))
+    msg = str(err.value)
+    assert "train.trades.betta: unknown key" in msg
+    assert "train.fatt: unknown key" in msg
+    assert "train.part.low_eps_fraction" in msg  # a low budget above ε is refused
+    with pytest.raises(ConfigError, match="train.fat.tau_milestones"):
+        strategy_params(StudentConfig(fat={"tau_milestones": ["3/4", "1/4"]}), ATTACK)
 
 
 def test_trades_kl_matches_a_hand_computation():
@@ -78,29 +112,73 @@ def test_trades_kl_matches_a_hand_computation():
 
 
 def test_trades_loss_is_ce_plus_beta_kl(monkeypatch):
-    import pipeline.strategies.trades as tr
+    from pipeline.strategies.trades import Trades
 
     torch.manual_seed(0)
     model = build_model("smallcnn", 4).train()
     b = _batch(8)
     fixed = (b.x + 0.01).clamp(0, 1)
-    monkeypatch.setattr(tr, "pgd", lambda *a, **k: fixed)
+    seen = {}
+
+    def fake(self, model, batch, **overrides):
+        seen.update(overrides)
+        return fixed
+
+    monkeypatch.setattr(Trades, "adversarial", fake)
     for beta in (0.0, 6.0):
         strat = make_strategy("trades", ATTACK, StudentConfig(trades={"beta": beta}))
         got = strat.loss(model, b)
         lc, la = model(b.x), model(fixed)
         want = F.cross_entropy(lc, b.y) + beta * trades_kl(la, lc)
         assert torch.allclose(got, want, atol=1e-6)
+    assert seen["init"] == "normal" and seen["init_std"] == 0.001  # TRADES' start, trades.py
 
 
-def test_fat_dynamic_tau_schedule():
-    strat = make_strategy("fat", ATTACK, StudentConfig(fat={"tau": 0, "dynamic_tau": True,
-                                                              "tau_milestones": [2, 4]}))
+def test_fat_tau_follows_the_reference_schedule():
+    """FAT.py: τ = 0 for epochs 1-50, 1 for 51-90, 2 for 91-120 (1-based); here 0-based, as fractions."""
+    strat = make_strategy("fat", ATTACK, StudentConfig(), total_epochs=120)
     taus = []
-    for e in range(6):
+    for e in range(120):
         strat.begin_epoch(e)
         taus.append(strat.current_tau())
-    assert taus == [0, 0, 1, 1, 2, 2]
+    assert taus == [0] * 50 + [1] * 40 + [2] * 30
+    strat = make_strategy("fat", ATTACK, StudentConfig(), total_epochs=12)  # scaled to a shorter run
+    assert [(strat.begin_epoch(e), strat.current_tau())[1] for e in range(12)] == [0] * 5 + [1] * 4 + [2] * 3
+    fixed = make_strategy("fat", ATTACK, StudentConfig(fat={"tau": 3, "dynamic_tau": False}), total_epochs=120)
+    fixed.begin_epoch(100)
+    assert fixed.current_tau() == 3
+
+
+def test_fat_adds_omega_noise_to_each_step(monkeypatch):
+    import pipeline.strategies as base
+
+    seen = {}
+    real = base.pgd
+
+    def spy(*a, **k):
+        seen.update(k)
+        return real(*a, **k)
+
+    monkeypatch.setattr(base, "pgd", spy)
+    make_strategy("fat", ATTACK, total_epochs=120).adversarial(build_model("smallcnn", 4), _batch(4))
+    assert seen["noise_std"] == 0.001 and seen["tau"] == 0
+
+
+def test_part_warmup_then_low_budget_scaled_to_eps():
+    """train_eval_part.py: 20 warm-up epochs of 80 at full ε, then 7/255 of 8/255 on unimportant pixels."""
+    attack = AttackConfig(eps=8 / 255, step_size=2 / 255, steps=2)
+    torch.manual_seed(0)
+    model = build_model("smallcnn", 4)
+    strat = make_strategy("part", attack, StudentConfig(), total_epochs=80)
+    b = _batch(4)
+    strat.begin_epoch(19)
+    assert strat.budget(model, b) == attack.eps
+    strat.begin_epoch(20)
+    budget = strat.budget(model, b)
+    assert torch.allclose(torch.unique(budget), torch.tensor([7 / 255, 8 / 255]))
+    wide = make_strategy("part", AttackConfig(eps=32 / 255, step_size=8 / 255, steps=2), StudentConfig(), 80)
+    wide.begin_epoch(79)
+    assert torch.allclose(torch.unique(wide.budget(model, b)), torch.tensor([28 / 255, 32 / 255]))
 
 
 def test_part_budget_takes_two_values_and_follows_its_image():

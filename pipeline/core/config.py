@@ -44,6 +44,8 @@ def format_budget(eps: float) -> str:
 
 
 Budget = Annotated[float, BeforeValidator(parse_budget), Field(ge=0.0, le=1.0)]
+Share = Annotated[float, BeforeValidator(parse_budget), Field(ge=0.0, le=1.0)]  # a share in [0, 1], e.g. 1/4
+Fraction = Annotated[float, BeforeValidator(parse_budget), Field(gt=0.0, le=1.0)]  # a share in (0, 1], e.g. 7/8
 
 
 class _Strict(BaseModel):
@@ -111,26 +113,21 @@ class TeacherConfig(OptimConfig):
     select: Literal["last", "clean", "robust"] = "robust"
 
 
-class TradesConfig(_Strict):
-    beta: float = Field(6.0, ge=0.0)
-
-
-class FatConfig(_Strict):
-    tau: int = Field(0, ge=0)
-    dynamic_tau: bool = True
-    tau_milestones: list[int] = Field(default_factory=lambda: [30, 50, 70])
-
-
-class PartConfig(_Strict):
-    eps_low: Budget = parse_budget("28/255")
-    burn_in: int = Field(1, ge=0)
-    important_fraction: float = Field(0.5, gt=0.0, le=1.0)
-
-
 class StudentConfig(OptimConfig):
-    trades: TradesConfig = Field(default_factory=TradesConfig)
-    fat: FatConfig = Field(default_factory=FatConfig)
-    part: PartConfig = Field(default_factory=PartConfig)
+    """The student's optimiser, plus one section per strategy (`train.fat`, `train.part`, ...).
+
+    Those sections are only checked to be mappings here: each strategy declares and validates its own
+    parameters (`pipeline.strategies`, when the train stage builds the strategy), because loading a config
+    must not import training code.
+    """
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    __pydantic_extra__: dict[str, dict[str, Any]] = Field(init=False)  # a key that is no mapping: unknown
+    # the authors' code keeps the epoch of best validation clean accuracy (Temp_CVPR train_model.py)
+    select: Literal["last", "clean", "robust"] = "clean"
+
+    def strategy_sections(self) -> dict[str, dict[str, Any]]:
+        return dict(self.__pydantic_extra__ or {})
 
 
 class SalienceConfig(_Strict):
@@ -141,6 +138,8 @@ class SalienceConfig(_Strict):
 
 
 class HumanMaskConfig(_Strict):
+    # salient where segmentation / 255 >= threshold, an absolute level as in the authors' code
+    # (Temp_CVPR train_model.py thresholds the [0, 1] map at 0.5)
     threshold: float = Field(0.5, gt=0.0, le=1.0)
     missing: Literal["error", "empty"] = "error"
 
@@ -230,12 +229,17 @@ class Config(_Strict):
     survey: SurveyConfig = Field(default_factory=SurveyConfig)
 
 
+def _unknown_train_key(loc: tuple, kind: str) -> bool:
+    """`train.<key>` that is neither an optimiser key nor a mapping (a strategy section): a misspelt key."""
+    return kind == "dict_type" and len(loc) == 2 and loc[0] == "train" and loc[1] not in StudentConfig.model_fields
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid parameters in {source}:"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"]
-        if e["type"] == "extra_forbidden":
+        if e["type"] == "extra_forbidden" or _unknown_train_key(e["loc"], e["type"]):
             msg = "unknown key (check the spelling; see params.yaml for the accepted keys)"
         lines.append(f"  {key}: {msg}")
     return "\n".join(lines)

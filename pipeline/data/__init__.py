@@ -163,6 +163,8 @@ class DatasetSpec:
     factory: Callable[[Optional[str], str, int], ImageDataset]
     description: str
     default_root: Optional[str] = None
+    # Embedded data sets: writes the tree at `default_root` (the `prepare` stage calls it); returns a summary.
+    embedded_writer: Optional[Callable[..., dict]] = None
 
 
 DATASETS: Registry[DatasetSpec] = Registry("dataset")
@@ -267,7 +269,7 @@ class BatchIterator:
 
 
 def _register_builtin() -> None:
-    from pipeline.data import cifar, cub, digits  # noqa: F401  (registration side effects)
+    from pipeline.data import cifar, cluttered, cub, digits  # noqa: F401  (registration side effects)
 
 
 _register_builtin()

@@ -2,15 +2,29 @@
 
 Importance is Grad-CAM of the model being trained (its last convolutional block, predicted class), computed
 on the very batch being attacked, so each map belongs to its own image whatever the shuffling or augmentation.
+Budgets follow the protocol's ε: the low budget is a fraction of ε and the warm-up (plain PGD-AT at ε) a
+fraction of the epochs, as in the reference (JiachengZ01/PART, `train_eval_part.py`: ε 8/255, low ε 7/255,
+20 warm-up epochs of 80).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
-from pipeline.attacks import pgd
-from pipeline.strategies import STRATEGIES, Batch, Strategy
+from pipeline.core.config import Fraction, Share
+from pipeline.strategies import Batch, StrategyParams
+from pipeline.strategies.madry import Madry
+
+
+class PartParams(StrategyParams):
+    low_eps_fraction: Fraction = 7 / 8  # train_eval_part.py: --low-epsilon 7/255 of --epsilon 8/255
+    warmup_fraction: Share = 1 / 4  # train_eval_part.py: --warm-up 20 of --epochs 80
+    important_fraction: float = Field(0.5, gt=0.0, le=1.0)  # share of each CAM that gets the full ε
+
+    def warmup_epochs(self, epochs: int) -> int:
+        return int(round(self.warmup_fraction * epochs))
 
 
 def grad_cam(model, x: torch.Tensor) -> torch.Tensor:
@@ -49,16 +63,21 @@ def part_budget(cam: torch.Tensor, eps: float, eps_low: float, important_fractio
     return budget.view_as(cam)
 
 
-@STRATEGIES.register("part")
-class PART(Strategy):
-    name = "part"
+class PART(Madry, name="part"):
+    Params = PartParams
 
-    def loss(self, model, batch: Batch):
-        a, p = self.attack, self.params.part
-        if self.epoch < p.burn_in:
-            eps = a.eps  # burn-in: plain PGD-AT
-        else:
-            eps = part_budget(grad_cam(model, batch.x), a.eps, p.eps_low, p.important_fraction)
-        x_adv = pgd(model, batch.x, batch.y, eps=eps, step_size=a.step_size, steps=a.steps,
-                    init="uniform" if a.random_start else "none")
-        return F.cross_entropy(model(x_adv), batch.y)
+    @property
+    def eps_low(self) -> float:
+        return self.params.low_eps_fraction * self.attack.eps
+
+    def in_warmup(self) -> bool:
+        return self.epoch < self.params.warmup_epochs(self.total_epochs)
+
+    def budget(self, model, batch: Batch):
+        if self.in_warmup():
+            return self.attack.eps  # warm-up: plain PGD-AT
+        p = self.params
+        return part_budget(grad_cam(model, batch.x), self.attack.eps, self.eps_low, p.important_fraction)
+
+    def stats(self):
+        return {"eps_low": self.attack.eps if self.in_warmup() else self.eps_low}

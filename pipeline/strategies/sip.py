@@ -4,7 +4,7 @@ The mask of each image is read from a store by sample index (synthetic from the 
 segmentations) and handed to the shared PGD routine, which applies δ' = δ·(1−M) after every step.
 """
 
-from pipeline.strategies import STRATEGIES, Batch
+from pipeline.strategies import Batch
 from pipeline.strategies.madry import Madry
 
 
@@ -15,13 +15,9 @@ class _SIP(Madry):
         return batch.mask
 
 
-@STRATEGIES.register("sip_s")
-class SIPSynthetic(_SIP):
-    name = "sip_s"
+class SIPSynthetic(_SIP, name="sip_s"):
     mask_kind = "synthetic"
 
 
-@STRATEGIES.register("sip_h")
-class SIPHuman(_SIP):
-    name = "sip_h"
+class SIPHuman(_SIP, name="sip_h"):
     mask_kind = "human"

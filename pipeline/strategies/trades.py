@@ -2,9 +2,13 @@
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
-from pipeline.attacks import pgd
-from pipeline.strategies import STRATEGIES, Batch, Strategy
+from pipeline.strategies import Batch, Strategy, StrategyParams
+
+
+class TradesParams(StrategyParams):
+    beta: float = Field(6.0, ge=0.0)  # yaodongyu/TRADES train_trades_cifar10.py: --beta 6.0
 
 
 def trades_kl(logits_adv, logits_clean):
@@ -12,20 +16,18 @@ def trades_kl(logits_adv, logits_clean):
     return F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits_clean, dim=1), reduction="batchmean")
 
 
-@STRATEGIES.register("trades")
-class Trades(Strategy):
-    name = "trades"
+class Trades(Strategy, name="trades"):
+    Params = TradesParams
 
     def loss(self, model, batch: Batch):
-        a = self.attack
         net = getattr(model, "module", model)
         net.eval()  # the inner maximisation targets the eval-mode prediction, like the reference code
         with torch.no_grad():
             p_clean = F.softmax(net(batch.x), dim=1)
         net.train()
         kl_to_clean = lambda logits, _y: F.kl_div(F.log_softmax(logits, dim=1), p_clean, reduction="sum")  # noqa: E731
-        x_adv = pgd(model, batch.x, batch.y, eps=a.eps, step_size=a.step_size, steps=a.steps, init="normal",
-                    init_std=0.001, loss_fn=kl_to_clean)
+        # TRADES starts at x + N(0, 0.001²) (trades.py), not at a uniform point of the ball
+        x_adv = self.adversarial(model, batch, init="normal", init_std=0.001, loss_fn=kl_to_clean)
         logits_clean = model(batch.x)
         logits_adv = model(x_adv)
-        return F.cross_entropy(logits_clean, batch.y) + self.params.trades.beta * trades_kl(logits_adv, logits_clean)
+        return F.cross_entropy(logits_clean, batch.y) + self.params.beta * trades_kl(logits_adv, logits_clean)
