@@ -108,6 +108,8 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int, device: torch.de
 def _make_autoattack(model: nn.Module, eps: float, n_classes: int, device: torch.device, seed: int):
     from pyautoattack import AutoAttack
 
+    # one "setting parameters" line per chunk and budget is noise; AutoAttack's warnings still show
+    logging.getLogger("auto-attack").setLevel(logging.WARNING)
     aa = AutoAttack(model, norm="Linf", eps=eps, version="standard", device=device, seed=seed)
     # Targeted attacks use up to 9 target classes; fewer exist on small label sets.
     aa.apgd_targeted.n_target_classes = max(1, min(9, n_classes - 1))
@@ -279,7 +281,7 @@ def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_list:
     attacks = attacks_for(n_classes, attacks)
     bounds = chunk_bounds(n, chunk_size)
     results: dict[int, dict] = {int(k): v for k, v in (done or {}).items() if int(k) < len(bounds)}
-    if results:
+    if results and D.is_main():
         log.info("reusing %d of %d finished chunks", len(results), len(bounds))
     jobs = [(c, a, b) for c, (a, b) in enumerate(bounds) if c not in results]
     world, rank = D.world_size(), D.rank()
@@ -315,8 +317,9 @@ def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_list:
     common = dict(n_classes=n_classes, batch_size=batch_size, seed=seed, ladder=ladder, attacks=attacks,
                   make_attack=make_attack)
     t0 = time.perf_counter()
-    log.info("AutoAttack on %d points in %d chunks of %d, %d budget(s), %s", n, len(bounds), chunk_size,
-             len(eps_list), f"{world} ranks" if world > 1 else f"{workers} worker(s) x {threads} thread(s)")
+    if main:
+        log.info("AutoAttack on %d points in %d chunks of %d, %d budget(s), %s", n, len(bounds), chunk_size,
+                 len(eps_list), f"{world} ranks" if world > 1 else f"{workers} worker(s) x {threads} thread(s)")
     pool = world == 1 and workers > 1 and len(jobs) > 1
     prev_threads = torch.get_num_threads()
     if threads_per_worker and not pool:
@@ -340,7 +343,7 @@ def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_list:
         torch.set_num_threads(prev_threads)
         bar.close()
     wall = time.perf_counter() - t0
-    return _assemble([results[c] for c in range(len(bounds))], eps_list, attacks, n, wall=wall,
+    return _assemble([results[c] for c in range(len(bounds))], eps_list, attacks, n, wall=wall, verbose=main,
                      layout={"workers": world if world > 1 else min(workers, max(1, len(jobs))),
                              "threads_per_worker": threads, "ranks": world, "chunks": len(bounds),
                              "chunks_reused": len(bounds) - len(jobs)})
@@ -367,11 +370,11 @@ def _run_ranks(jobs, model, x, y, eps_list, device, common, rank, world, on_resu
 
 
 def _assemble(chunks: list[dict], eps_list: list[float], attacks: tuple[str, ...], n: int, *, wall: float,
-              layout: dict[str, Any]) -> dict[str, Any]:
+              layout: dict[str, Any], verbose: bool = True) -> dict[str, Any]:
     clean = torch.tensor([f for r in chunks for f in r["clean_flags"]], dtype=torch.bool)
     result: dict[str, Any] = {"n_examples": n, "clean_acc": float(clean.float().mean()) if n else 0.0,
                               "robust_acc": {}, "attacks": {}}
-    seconds: dict[str, float] = {}
+    seconds: dict[str, dict[str, float]] = {}
     for eps in eps_list:
         key = eps_key(eps)
         flags = torch.tensor([f for r in chunks for f in r["eps"][key]["robust_flags"]], dtype=torch.bool)
@@ -384,6 +387,8 @@ def _assemble(chunks: list[dict], eps_list: list[float], attacks: tuple[str, ...
         seconds[key] = {"total": round(sum(r["eps"][key]["seconds"] for r in chunks), 2),
                         **{a: round(sum(r["eps"][key].get("attack_seconds", {}).get(a, 0.0) for r in chunks), 2)
                            for a in attacks}}
+        if not verbose:
+            continue
         if rejected:
             log.warning("eps=%s: %d adversarial points outside the threat model were ignored",
                         format_budget(eps), rejected)
