@@ -133,7 +133,7 @@ def build_image_set(model: nn.Module, meta: dict[str, Any], dataset: ImageDatase
     rows: list[dict[str, Any]] = []
     batches = [(k, s) for k in [0] + ks for s in range(0, len(idx), batch_size)]
     clean_pred = torch.empty(len(idx), dtype=torch.long)
-    with atomic_path(out, is_dir=True) as tmp:
+    with atomic_path(out, is_dir=True, owned=lambda p: (p / META).is_file()) as tmp:
         (tmp / "images").mkdir()
         for k, s in tqdm(batches, desc=f"survey images ({version})", unit="batch", disable=not progress):
             sl = slice(s, s + batch_size)
