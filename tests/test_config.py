@@ -66,34 +66,3 @@ def test_missing_or_malformed_file(tmp_path):
     with pytest.raises(ConfigError, match="mapping"):
         load_config(bad)
 
-
-def _readme_protocols() -> dict[str, dict]:
-    """The YAML protocol blocks of the README, keyed by dataset, each merged over params.yaml."""
-    import re
-    from pathlib import Path
-
-    import yaml
-
-    base = yaml.safe_load(Path("params.yaml").read_text())
-    found = {}
-    for block in re.findall(r"```yaml\n(.*?)```", Path("README.md").read_text(), flags=re.S):
-        raw = yaml.safe_load(block)
-        merged = {**base, **{k: ({**base[k], **v} if isinstance(v, dict) and isinstance(base.get(k), dict) else v)
-                             for k, v in raw.items()}}
-        found[raw["dataset"]] = merged
-    return found
-
-
-def test_readme_protocols_are_valid_and_match_the_paper():
-    protocols = _readme_protocols()
-    assert set(protocols) == {"cub", "cifar10"}
-    cub = config_from_dict(protocols["cub"], "README (cub)")
-    assert (cub.attack.eps, cub.attack.step_size, cub.attack.steps) == pytest.approx((8 / 255, 1 / 255, 32))
-    assert (cub.train.epochs, cub.train.lr, cub.train.batch_size) == (80, 0.01, 64)
-    assert (cub.train.schedule.step_every, cub.train.schedule.gamma) == (10, 0.75)
-    cifar = config_from_dict(protocols["cifar10"], "README (cifar10)")
-    assert (cifar.attack.eps, cifar.attack.step_size, cifar.attack.steps) == pytest.approx((8 / 255, 2 / 255, 10))
-    assert (cifar.train.epochs, cifar.train.lr, cifar.train.batch_size) == (100, 0.01, 64)
-    assert (cifar.train.schedule.milestones, cifar.train.schedule.gamma) == ([60], 0.1)
-    for cfg in (cub, cifar):
-        assert cfg.evaluate.eps == pytest.approx([1 / 255, 2 / 255, 4 / 255, 8 / 255])

@@ -182,17 +182,15 @@ def test_experiment_reruns_only_the_student(tiny_repo):
 
 
 def test_a_protocol_is_selected_with_one_override(tiny_repo):
-    """`dvc exp run -S protocol=NAME` composes conf/ into params.yaml (dry: nothing is run)."""
+    """`dvc exp run -S protocol=NAME` composes conf/ into the experiment's params.yaml (queued, not run)."""
     root, env = tiny_repo
-    before = (root / "params.yaml").read_text()
+    _run(["dvc", "exp", "run", "--queue", "-S", "protocol=cluttered_digits", "-S", "strategy=sip_h"], root, env)
     try:
-        _run(["dvc", "exp", "run", "--dry", "-S", "protocol=cluttered_digits", "-S", "strategy=sip_h"], root, env)
-        params = yaml.safe_load((root / "params.yaml").read_text())
-        assert (params["dataset"], params["strategy"], params["attack"]["eps"]) == ("cluttered_digits", "sip_h",
-                                                                                    "8/255")
-        assert params["train"]["epochs"] == 1 and params["train"]["fat"]["omega"] == 0.001
+        params = yaml.safe_load(_run(["git", "show", "refs/exps/celery/stash:params.yaml"], root, env))
     finally:
-        (root / "params.yaml").write_text(before)
+        _run(["dvc", "queue", "remove", "--all"], root, env)
+    assert (params["dataset"], params["strategy"], params["attack"]["eps"]) == ("cluttered_digits", "sip_h", "8/255")
+    assert params["train"]["epochs"] == 1 and params["train"]["fat"]["omega"] == 0.001  # the repo's own overrides
 
 
 def test_queued_grid_runs_in_parallel_and_reports(tiny_repo):

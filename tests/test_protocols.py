@@ -221,3 +221,16 @@ def test_cluttered_digits_are_a_registered_cub_tree(tmp_path):
     assert 0.05 < share < 0.2  # the digit is a small part of a cluttered canvas
     x = torch.stack([train[i][0] for i in range(64)])
     assert (x[~masks] > 0).float().mean() > 0.05  # clutter outside the human mask
+
+
+def test_readme_protocol_table_is_the_conf_files():
+    """README's table lists exactly the protocol files, each with its own training attack."""
+    from pipeline.core.config import format_budget
+
+    section = (ROOT / "README.md").read_text().split("## Running on real data")[1].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `") and "protocol=" not in line]
+    table = {line.split("`")[1]: [c.strip() for c in line.split("|")[1:-1]] for line in rows}
+    assert sorted(table) == PROTOCOLS
+    for name, cells in table.items():
+        a = protocol(name).attack
+        assert cells[4] == f"ε {format_budget(a.eps)}, {a.steps} × {format_budget(a.step_size)}", name
