@@ -55,11 +55,11 @@ def test_synthetic_human_inspect_show(setup):
     assert s.attrs["root"] == str(setup["root"]) and s.attrs["image_size"] == 8
 
     r = invoke("masks", "human", "--root", setup["root"], "--out", tmp / "h.zarr", "--image-size", "8",
-               "--threshold", "0.75", "--params", tmp / "absent.yaml", "-q")
+               "--threshold", "0.6", "--params", tmp / "absent.yaml", "-q")
     assert r.exit_code == 0, r.output
     h = MaskStore.open(tmp / "h.zarr", dataset=ds, kind="human")
-    assert h.attrs["params"]["threshold"] == 0.75
-    assert int(h.masks(torch.arange(len(ds))).sum()) == 5 * 3 * 2 * 2  # 2×2 cores, one empty, 3 channels
+    assert h.attrs["params"]["threshold"] == 0.6
+    assert int(h.masks(torch.arange(len(ds))).sum()) == 5 * 3 * 2 * 2  # 2×2 cores at 180 (>= 0.6 × 255), one empty
 
     r = invoke("masks", "inspect", tmp / "s.zarr")
     assert r.exit_code == 0, r.output
