@@ -66,4 +66,3 @@ def test_missing_or_malformed_file(tmp_path):
     with pytest.raises(ConfigError, match="mapping"):
         load_config(bad)
 
-

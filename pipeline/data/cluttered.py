@@ -20,7 +20,8 @@ from pipeline.data.digits import (DIGIT_CLASSES, STROKE_LEVEL, TEST_FRACTION, em
 DEFAULT_ROOT = "data/prepared/cluttered_digits_cub"
 CANVAS = 16  # pixels per side; the digit keeps its 8×8 size (a quarter of the canvas)
 FRAGMENTS = 4  # clutter pieces per image
-FRAGMENT_SIZE = 3  # pixels per side of each piece: the 8/28 of a digit side of cluttered MNIST (8×8 of 28×28), rounded up
+# pixels per side of each piece: cluttered MNIST's 8×8 pieces of 28×28 digits, 8/28 of a side, rounded up
+FRAGMENT_SIZE = 3
 
 
 def clutter_digits(images: np.ndarray, groups: np.ndarray, *, canvas: int = CANVAS, fragments: int = FRAGMENTS,

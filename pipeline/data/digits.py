@@ -61,7 +61,8 @@ def write_cub_tree(out: str | Path, images: Sequence[np.ndarray], labels: Sequen
     return out
 
 
-def load_sklearn_digits(test_fraction: float = TEST_FRACTION, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def load_sklearn_digits(test_fraction: float = TEST_FRACTION,
+                        seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The 1,797 digits (N×8×8, values 0..16), their labels and a fixed, class-stratified test flag."""
     from sklearn.datasets import load_digits
 
