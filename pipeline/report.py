@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 
-from pipeline.core.config import OptimConfig, StudentConfig, format_budget
+from pipeline.core.config import OptimConfig, format_budget
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,8 @@ MISSING = "—"  # a cell without a result
 # Keys that say how long something took, or where it was found: never part of what a run is.
 _NOT_IDENTITY = ("eval_seconds", "train_seconds", "source")
 # Sections of the student's optimiser parameters that belong to one strategy (trades, fat, part, ...).
-STRATEGY_SECTIONS = frozenset(StudentConfig.model_fields) - frozenset(OptimConfig.model_fields)
+# What a run records under `optim` besides the optimiser itself are strategy sections (train.<strategy>).
+OPTIM_KEYS = frozenset(OptimConfig.model_fields)
 
 
 def is_metrics(obj: Any) -> bool:
@@ -139,7 +140,7 @@ def comparable_key(m: dict[str, Any]) -> dict[str, Any]:
 
 
 def _strategy_section(key: str, strategy: Any) -> bool:
-    return key in STRATEGY_SECTIONS or key == strategy or key in LABELS
+    return key not in OPTIM_KEYS
 
 
 def strategy_params(m: dict[str, Any]) -> dict[str, Any]:

@@ -80,7 +80,8 @@ def test_clear_errors_without_tracebacks(setup):
                "--out", tmp / "s.zarr")
     assert r.exit_code == 1 and "checkpoint not found" in r.text
     assert not (tmp / "s.zarr").exists()
-    r = invoke("masks", "synthetic", "--params", setup["params"], "--fraction", "1.5")
+    r = invoke("masks", "synthetic", "--checkpoint", setup["ckpt"], "--params", setup["params"], "--out",
+               tmp / "s.zarr", "--fraction", "1.5")
     assert r.exit_code == 2 and "(0, 1]" in r.text
     r = invoke("masks", "human", "--root", tmp / "nowhere", "--image-size", "8", "--out", tmp / "h.zarr")
     assert r.exit_code == 1 and "does not exist" in r.text
