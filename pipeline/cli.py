@@ -267,7 +267,8 @@ def masks_show(
 # =============================================================================================== report
 
 def _stage_metrics(stage: Optional[str] = None) -> list[Path]:
-    """The metrics files that dvc.yaml declares (of one stage, or of all): paths are written there only."""
+    """The evaluation metrics files that dvc.yaml declares (of one stage, or of every stage that runs
+    `stages.evaluate`): paths are written there only."""
     import yaml
 
     dvc_yaml = Path("dvc.yaml")
@@ -275,7 +276,9 @@ def _stage_metrics(stage: Optional[str] = None) -> list[Path]:
         raise FileNotFoundError("dvc.yaml not found: run this in the project's root, or name the metrics files")
     stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {})
     found = [Path(next(iter(m)) if isinstance(m, dict) else m)
-             for name, spec in stages.items() if stage in (None, name) for m in spec.get("metrics", [])]
+             for name, spec in stages.items()
+             if (name == stage if stage else "stages.evaluate" in str(spec.get("cmd", "")))
+             for m in spec.get("metrics", [])]
     if not found:
         raise FileNotFoundError(f"dvc.yaml declares no metrics{f' for stage {stage!r}' if stage else ''}")
     return found

@@ -252,3 +252,24 @@ def test_metrics_cli_names_a_missing_or_foreign_file(metrics_dir, tmp_path):
     assert res.exit_code == 1 and "gone.json" in res.output and "not found" in res.output
     res = CliRunner().invoke(app, ["metrics", str(metrics_dir / "junk.json")])
     assert res.exit_code == 1 and "junk.json" in res.output and "not valid JSON" in res.output
+
+
+def test_metrics_reads_the_evaluation_files_dvc_yaml_declares(tmp_path, monkeypatch):
+    """`sipat metrics` without arguments: the evaluation stages' metrics, not other stages' (the survey's)."""
+    import yaml
+
+    stages = {
+        "evaluate": {"cmd": "python -m stages.evaluate student --checkpoint m.pt --out out/student.json",
+                     "metrics": [{"out/student.json": {"cache": False}}]},
+        "survey_images_student": {"cmd": "python -m stages.survey_images student --metrics out/survey.json",
+                                  "metrics": [{"out/survey.json": {"cache": False}}]},
+    }
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "student.json").write_text(json.dumps(
+        {"strategy": "sip_s", "seed": 0, "n_examples": 10, "clean_acc": 0.9, "robust_acc": {"eps_8_255": 0.5}}))
+    (tmp_path / "out" / "survey.json").write_text(json.dumps({"images": 3}))
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["metrics"])
+    assert res.exit_code == 0, res.output
+    assert "sip_s" in res.output and "90.00" in res.output and "survey" not in res.output
