@@ -211,7 +211,9 @@ def test_queued_grid_runs_in_parallel_and_reports(tiny_repo):
 
     root, env = tiny_repo
     _run(["dvc", "exp", "run", "--queue", "-S", "strategy=basic,madry", "-S", "seed=0,1"], root, env)
-    _run(["dvc", "queue", "start", "-j", "2"], root, env)
+    # The queue's workers run detached and may keep inherited pipes open: no captured output for this call.
+    subprocess.run(["dvc", "queue", "start", "-j", "2"], cwd=root, env=env, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, timeout=120, check=True)
     deadline = time.time() + 600
     while time.time() < deadline:
         status = _run(["dvc", "queue", "status"], root, env)
