@@ -8,8 +8,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 .PHONY: install repro test bench clean-outputs
 
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+	$(PYTHON) tools/install.py --venv $(VENV)   # uv when it can be had (seconds), pip otherwise
 	touch $(STAMP)
 
 install: $(STAMP)
