@@ -98,7 +98,7 @@ def test_analyze_command_writes_metrics_table_and_plot(tmp_path):
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["survey", "analyze", str(sim), "--out", str(tmp_path / "an"), "--title", "simulated"])
     assert r.exit_code == 0, r.output
-    assert "false alarm" in r.output and "32/255" in r.output
+    assert "false-alarm rate" in " ".join(r.output.split()) and "32/255" in r.output
     metrics = json.loads((tmp_path / "an" / "detection.json").read_text())
     assert set(metrics["versions"]) == {"teacher", "student", "all"}
     assert (tmp_path / "an" / "detection.png").read_bytes()[:4] == b"\x89PNG"
@@ -151,9 +151,95 @@ def test_export_command(tmp_path):
     assert {r["pool_index"] for r in rows[:6]} and sorted(int(r["eps_255"]) for r in rows[:6]) == [0, 0, 2, 2, 8, 8]
     result = analyse(read_responses(out), completed_only=True)
     assert result["n_participants"] == 1 and result["versions"]["a"]["false_alarm"]["rate"] == 1.0
+    codes = {str(p.id): p.completion_code for p in (p1, p2)}
+    assert [r["completion_code"] for r in rows] == [codes[r["participant"]] for r in rows]  # to check codes against
+    assert len(set(codes.values())) == 2 and all(len(c) == 10 for c in codes.values())
+    # exporting again (while answers come in) replaces the project's own CSV
+    store = SurveyStore(db, seed=1)
+    assert store.answer(p2.id, 2, "perturbed") == "ok"
+    store.close()
+    r = CliRunner().invoke(app, ["survey", "export", "--db", str(db), "--out", str(out)])
+    assert r.exit_code == 0 and "8 answers from 2 participants" in " ".join(r.output.split()), r.output
     missing = CliRunner().invoke(app, ["survey", "export", "--db", str(tmp_path / "none.sqlite"), "--out", str(out)])
     assert missing.exit_code == 1 and "response database not found" in missing.output
     assert not (tmp_path / "none.sqlite").exists()
+
+
+def test_outputs_are_replaced_whole_or_not_at_all(tmp_path):
+    runner = CliRunner()
+    sim = tmp_path / "sim.csv"
+    for seed in ("1", "2"):  # the project's own CSV is replaced
+        r = runner.invoke(app, ["survey", "simulate", "--out", str(sim), "--participants", "4", "--seed", seed])
+        assert r.exit_code == 0, r.output
+    runner.invoke(app, ["survey", "simulate", "--out", str(tmp_path / "again.csv"), "--participants", "4", "--seed", "2"])
+    assert sim.read_text() == (tmp_path / "again.csv").read_text()
+    notes = tmp_path / "notes.csv"
+    notes.write_text("my,own\n1,2\n")
+    for cmd in (["survey", "simulate", "--out", str(notes)], ["survey", "export", "--db", str(tmp_path / "x.sqlite"),
+                                                               "--out", str(notes)]):
+        if cmd[1] == "export":
+            from pipeline.survey.store import SurveyStore
+            SurveyStore(tmp_path / "x.sqlite").close()
+        r = runner.invoke(app, cmd)
+        flat = " ".join(r.output.split())
+        assert r.exit_code == 1 and "is not a file written by this project" in flat and "Traceback" not in r.output
+        assert "writes written" not in flat and notes.read_text() == "my,own\n1,2\n"
+    # a second analysis into the same folder replaces all three files
+    other = tmp_path / "other.csv"
+    simulate_csv(other, 6, seed=3)
+    out = tmp_path / "an"
+    for responses, n in ((sim, 4), (other, 6)):
+        r = runner.invoke(app, ["survey", "analyze", str(responses), "--out", str(out)])
+        assert r.exit_code == 0, r.output
+        assert json.loads((out / "detection.json").read_text())["n_participants"] == n
+    assert (out / "detection.csv").read_bytes() == _analysis_files(other, tmp_path / "ref")["csv"]
+    assert (out / "detection.png").read_bytes() == _analysis_files(other, tmp_path / "ref")["png"]
+    # ... or none of them: a file there that the project did not write stops the analysis before anything is written
+    (out / "detection.csv").write_text("kept\n")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    r = runner.invoke(app, ["survey", "analyze", str(sim), "--out", str(out)])
+    assert r.exit_code == 1 and "detection.csv" in r.output and "Traceback" not in r.output
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def simulate_csv(path, n: int, seed: int) -> str:
+    simulate_responses(CURVES, n, seed=seed, out=path)
+    return path.read_text()
+
+
+def _analysis_files(responses, out) -> dict[str, bytes]:
+    from pipeline.survey.analysis import write_analysis
+
+    paths = write_analysis(analyse(read_responses(responses)), out)
+    return {k: p.read_bytes() for k, p in paths.items()}
+
+
+def test_analysis_table_fits_80_columns_and_prints_no_minus_zero(tmp_path, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    import pipeline.survey.cli as survey_cli
+
+    # d′ slightly below zero at 4/255 (rounds to -0.00) and clearly negative at 32/255, for a long version name
+    rows = ([(0, i < 501) for i in range(1001)] + [(4, i < 500) for i in range(1000)]
+            + [(32, i < 10) for i in range(1000)])
+    path = tmp_path / "r.csv"
+    path.write_text("participant,version,eps_255,answer\n" + "".join(
+        f"{i % 40},student_v2,{k},{'perturbed' if said else 'unperturbed'}\n" for i, (k, said) in enumerate(rows)))
+    result = analyse(read_responses(path))
+    d4 = result["versions"]["student_v2"]["detection"]["eps_4_255"]
+    assert -0.005 < d4["dprime"] < 0 and result["versions"]["student_v2"]["detection"]["eps_32_255"]["dprime"] < -2
+    out = io.StringIO()
+    monkeypatch.setattr(survey_cli, "console", Console(file=out, width=80, color_system=None))
+    r = CliRunner().invoke(app, ["survey", "analyze", str(path), "--out", str(tmp_path / "an")])
+    assert r.exit_code == 0, r.output
+    text = out.getvalue()
+    assert "-0.00" not in text and "0.00 [" in text
+    table = [line for line in text.splitlines() if "/255" in line or "student_v2" in line]
+    assert len(table) == 3  # one line per row: no cell wrapped
+    for line in table:
+        assert len(line) <= 80 and (line.count("[") == line.count("]") == 1 or "—" in line), line
 
 
 def test_survey_params_are_checked():

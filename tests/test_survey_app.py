@@ -181,6 +181,46 @@ def test_participants_are_isolated_and_balanced(image_root, store):
     assert len(shown) == 40 and {n for _, _, n in shown} == {2}
 
 
+def test_server_processes_on_one_database_share_the_timestamp_key(image_root, tmp_path):
+    """A page served by one process and answered through another (or after a restart) keeps its response time."""
+    db = tmp_path / "shared.sqlite"
+    stores = [SurveyStore(db), SurveyStore(db)]
+    try:
+        a, b = (TestClient(create_app(load_versions(image_root), s, images_per_participant=10),
+                           follow_redirects=False) for s in stores)
+        _join(a)
+        b.cookies.set(COOKIE, a.cookies[COOKIE])
+        for answering in (b, a, b):
+            page = a.get("/question").text
+            pos, shown = ITEM.search(page).group(1), SHOWN.search(page).group(1)
+            assert answering.post("/answer", data={"item": pos, "answer": "perturbed", "shown": shown}).status_code == 303
+        rows = list(stores[0].export_rows())
+        assert len(rows) == 3 and all(r["response_ms"] != "" for r in rows)
+        assert stores[0].signing_key == stores[1].signing_key == SurveyStore(db).signing_key
+        assert SurveyStore(tmp_path / "other.sqlite").signing_key != stores[0].signing_key
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_servers_started_at_once_on_a_new_database_all_start(tmp_path):
+    """Several servers opening one new SQLite file at the same moment queue for it instead of failing."""
+    for trial in range(3):
+        db = tmp_path / f"new{trial}.sqlite"
+        start = threading.Barrier(6, timeout=60)
+
+        def open_store(_):
+            start.wait()
+            s = SurveyStore(db)
+            key = s.signing_key
+            s.close()
+            return key
+
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            keys = list(pool.map(open_store, range(6)))  # re-raises "database is locked" if one failed
+        assert len(set(keys)) == 1
+
+
 def test_same_recruiting_id_cannot_start_twice(client, image_root):
     _join(client, "dup-7")
     other = TestClient(client.app, follow_redirects=False)
@@ -203,9 +243,15 @@ MALFORMED = [
     ("post", "/answer", {"data": {"item": "-1", "answer": "perturbed"}}, True, 400, "question number"),
     ("post", "/answer", {"data": {"item": "9" * 40, "answer": "perturbed"}}, True, 400, "question number"),
     ("post", "/answer", {"data": {"answer": "perturbed"}}, True, 400, "question number"),
+    # only ASCII digits: '²' passes str.isdigit() but not int(), '٣' and '１' are other scripts' digits
+    ("post", "/answer", {"data": {"item": "²", "answer": "perturbed"}}, True, 400, "question number"),
+    ("post", "/answer", {"data": {"item": "٣", "answer": "perturbed"}}, True, 400, "question number"),
+    ("post", "/answer", {"data": {"item": "１", "answer": "perturbed"}}, True, 400, "question number"),
+    ("post", "/answer", {"data": {"item": "1\n", "answer": "perturbed"}}, True, 400, "question number"),
     ("post", "/answer", {"content": b"%%%", "headers": {"content-type": "application/x-www-form-urlencoded"}},
      True, 400, "Unexpected form field"),
     ("post", "/start", {"data": {"external_id": "<script>alert(1)</script>"}}, False, 400, "participant id"),
+    ("post", "/start", {"data": {"external_id": "p-1\n"}}, False, 400, "participant id"),
     ("get", "/?PROLIFIC_PID=" + "a" * 100, {}, False, 400, "participant id"),
     ("get", "/image/1", {}, False, 403, "No survey session"),
     ("get", "/image/abc", {}, True, 404, "Not Found"),
@@ -259,6 +305,39 @@ def test_image_sets_are_checked_before_serving(image_root, tmp_path):
 
 
 # --------------------------------------------------------------------------------------- a real server
+
+
+def test_keep_alive_connections_have_tcp_nodelay(image_root, store):
+    """uvicorn on the socket `serve` listens on: every accepted connection sends without Nagle's delay."""
+    import socket
+
+    import uvicorn
+
+    from pipeline.survey.app import listening_socket
+
+    sock = listening_socket("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    app = create_app(load_versions(image_root), store, images_per_participant=10)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        for _ in range(200):
+            if server.started:
+                break
+            time.sleep(0.05)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        for _ in range(2):  # the same keep-alive connection twice
+            conn.request("GET", "/healthz")
+            r = conn.getresponse()
+            assert r.status == 200 and r.read() and r.getheader("connection") != "close"
+        accepted = [c.transport.get_extra_info("socket") for c in server.server_state.connections]
+        assert len(accepted) == 1
+        assert accepted[0].getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        conn.close()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")

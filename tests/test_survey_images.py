@@ -14,7 +14,8 @@ from PIL import Image
 from pipeline.core.errors import CheckpointError, OutputConflict
 from pipeline.data import load_dataset
 from pipeline.models import build_model, load_checkpoint, save_checkpoint
-from pipeline.survey.images import build_image_set, quantise_into_ball, select_example_images, select_pool
+from pipeline.survey.images import (build_image_set, is_grey, quantise_into_ball, run_attack, select_example_images,
+                                    select_pool)
 from pipeline.survey.manifest import read_image_set
 
 
@@ -89,6 +90,8 @@ def test_image_set_files_manifest_and_summary(tmp_path, digits_test, model_and_m
         assert np.abs(arr - clean[int(r["index"])]).max() == linf <= k  # the PNG as stored is inside its ball
         if k:
             assert linf == k and r["attack"] == attack  # the attack spends its budget
+            # the digits are grey: a perturbed one stays grey, so colour cannot give the perturbation away
+            assert r["constraint"] == "grey" and (arr == arr[:, :, :1]).all()
         # "still adversarial" is the model's verdict on the stored 8-bit image
         with torch.no_grad():
             pred = int(model(torch.from_numpy(arr).permute(2, 0, 1)[None].float() / 255).argmax(1))
@@ -102,6 +105,69 @@ def test_image_set_files_manifest_and_summary(tmp_path, digits_test, model_and_m
     with open(out / "manifest.csv", newline="") as f:
         assert next(csv.reader(f))[:4] == ["file", "version", "role", "index"]
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+class _Tinted:
+    """A dataset whose odd-numbered images are tinted (no longer grey); everything else from `base`."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __getattr__(self, name):
+        return getattr(self.base, name)
+
+    def image_uint8(self, i: int) -> torch.Tensor:
+        img = self.base.image_uint8(i).clone()
+        if i % 2:
+            img[0] = img[0] // 2 + 100
+        return img
+
+
+@pytest.mark.parametrize("attack", ["apgd-ce", "pgd"])
+def test_grey_images_get_one_delta_shared_by_their_channels(attack, model_and_meta):
+    model, _ = model_and_meta
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (6, 1, 16, 16), generator=g, dtype=torch.uint8).expand(-1, 3, -1, -1).clone()
+    x[3:, 0] = x[3:, 0] // 2  # three colour images in the same batch
+    grey = is_grey(x)
+    assert grey.tolist() == [True] * 3 + [False] * 3
+    y = torch.arange(6) % 10
+    x_adv = run_attack(model, x.float() / 255, y, 8 / 255, attack=attack, steps=4, seed=0, grey=grey)
+    q = quantise_into_ball(x_adv, x, 8)
+    d = q.to(torch.int16) - x.to(torch.int16)
+    assert int(d.abs().max()) == 8
+    assert bool(is_grey(q[:3]).all()) and bool(is_grey(d[:3]).all())  # one δ for all channels
+    assert not bool(is_grey(d[3:]).any())  # colour images keep a δ per channel
+    unconstrained = run_attack(model, x.float() / 255, y, 8 / 255, attack=attack, steps=4, seed=0)
+    assert not bool(is_grey(quantise_into_ball(unconstrained, x, 8)[:3]).all())  # what the constraint prevents
+
+
+def test_image_set_of_a_partly_grey_dataset_records_the_constraint(tmp_path, digits_test, model_and_meta):
+    model, meta = model_and_meta
+    out = tmp_path / "set"
+    build_image_set(model, meta, _Tinted(digits_test), out, version="v", eps_list=[4 / 255, 16 / 255],
+                    per_class=1, attack="apgd-ce", steps=3, seed=0, batch_size=5, device=torch.device("cpu"),
+                    progress=False)
+    info, rows = read_image_set(out)
+    seen = set()
+    for r in rows:
+        arr = np.asarray(Image.open(out / r["file"])).astype(int)
+        clean = np.asarray(Image.open(out / r["file"].replace(f"_e{int(r['eps_255']):03d}", "_e000"))).astype(int)
+        k = int(r["eps_255"])
+        assert np.abs(arr - clean).max() <= k
+        grey_clean = bool((clean == clean[:, :, :1]).all())
+        assert grey_clean == (int(r["index"]) % 2 == 0)
+        if k == 0:
+            assert r["constraint"] == "none"
+            continue
+        assert r["constraint"] == ("grey" if grey_clean else "per-channel")
+        if grey_clean:
+            assert (arr == arr[:, :, :1]).all(), r["file"]  # no perturbed image of a grey image has colour
+        seen.add(r["constraint"])
+    assert seen == {"grey", "per-channel"}
+    n_grey = sum(int(i) % 2 == 0 for i in {r["index"] for r in rows})
+    assert info["attack"]["grey_images"] == n_grey and set(info["attack"]["constraint"]) == {"grey", "per-channel"}
+    assert info["summary"]["grey_pool_images"] == sum(int(i) % 2 == 0 for i in info["pool"])
 
 
 def test_image_set_is_reproducible(tmp_path, digits_test, model_and_meta):

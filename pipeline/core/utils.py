@@ -107,10 +107,15 @@ def _check_owned(final: Path, is_dir: bool, kind: Optional[str], owned: Optional
     if is_dir:
         raise OutputConflict(f"{final} is a file, but a folder is to be written there; move it away or choose "
                              f"another output path")
+    if owned is not None:
+        if owned(final):
+            return
+        raise OutputConflict(f"{final} exists and is not a file written by this project; move it away or choose "
+                             f"another output path")
     expected = kind or _SUFFIX_KINDS.get(final.suffix.lower())
     found = _sniff(final)
     if found is None or (expected is not None and found != expected) or (expected is None and found == "text"):
-        desc = _KIND_NAMES.get(expected or "", "file this project writes")
+        desc = _KIND_NAMES.get(expected or "", "file")
         raise OutputConflict(f"{final} exists and is not a {desc} written by this project "
                              f"({'unrecognised content' if found is None else 'it holds a ' + _KIND_NAMES[found]}"
                              f"); move it away or choose another output path")
@@ -169,9 +174,9 @@ def atomic_path(final: str | Path, *, is_dir: bool = False, kind: Optional[str] 
 
     An interrupted write leaves no file at `final` that DVC could cache as a finished output. Whatever is at
     `final` is replaced only if this project wrote it, checked before the block runs: a folder must satisfy
-    `owned` (default: a mask store of this project) or be empty; a file must be of `kind` ("png", "torch",
-    "json", "text"; default: from the suffix), else OutputConflict. Temporary folders of earlier killed writes
-    of `final` are removed first.
+    `owned` (default: a mask store of this project) or be empty; a file must satisfy `owned` if given, else be
+    of `kind` ("png", "torch", "json", "text"; default: from the suffix); otherwise OutputConflict. Temporary
+    folders of earlier killed writes of `final` are removed first.
     """
     final = Path(final)
     _check_owned(final, is_dir, kind, owned)

@@ -9,7 +9,9 @@ so rates of 0 or 1 stay finite); its interval is the delta-method one (Macmillan
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import json
 import math
 import random
 from pathlib import Path
@@ -19,11 +21,13 @@ from typing import Any, Iterable, Optional
 import numpy as np
 
 from pipeline.core.errors import SipatError
-from pipeline.core.utils import atomic_path, write_json
+from pipeline.core.utils import atomic_path
 
 Z95 = NormalDist().inv_cdf(0.975)
 REQUIRED = ("participant", "version", "eps_255", "answer")
 ALL = "all"
+TABLE_FIELDS = ("version", "eps_255", "n", "said_perturbed", "rate", "ci95_low", "ci95_high", "dprime",
+                "dprime_ci95_low", "dprime_ci95_high")
 
 
 class ResponsesError(SipatError, ValueError):
@@ -122,17 +126,24 @@ def analyse(rows: Iterable[dict[str, Any]], *, completed_only: bool = False) -> 
     return out
 
 
+def _num(x: float, spec: str = ".2f") -> str:
+    """`x` formatted with `spec`, without the sign of a value that rounds to zero ("-0.00" -> "0.00")."""
+    text = format(x, spec)
+    return text[1:] if text.startswith("-") and float(text) == 0 else text
+
+
 def table_rows(result: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
-    """(version, ε, n, rate, 95 % CI, d′) rows for printing."""
+    """(version, ε, n, rate, 95 % CI, d′ [95 % CI]) rows for printing; ε = 0 is the false-alarm row."""
     out = []
     for v, e in result["versions"].items():
         fa = e["false_alarm"]
         if fa["n"]:
-            out.append((v, "0 (false alarm)", str(fa["n"]), f"{100 * fa['rate']:.1f} %",
+            out.append((v, "0", str(fa["n"]), f"{100 * fa['rate']:.1f} %",
                         f"{100 * fa['ci95'][0]:.1f}–{100 * fa['ci95'][1]:.1f} %", "—"))
         for key, c in e["detection"].items():
             k = key.split("_")[1]
-            d = f"{c['dprime']:.2f} [{c['dprime_ci95'][0]:.2f}, {c['dprime_ci95'][1]:.2f}]" if "dprime" in c else "—"
+            d = (f"{_num(c['dprime'])} [{_num(c['dprime_ci95'][0])}, {_num(c['dprime_ci95'][1])}]"
+                 if "dprime" in c else "—")
             out.append((v, f"{k}/255", str(c["n"]), f"{100 * c['rate']:.1f} %",
                         f"{100 * c['ci95'][0]:.1f}–{100 * c['ci95'][1]:.1f} %", d))
     return out
@@ -141,6 +152,11 @@ def table_rows(result: dict[str, Any]) -> list[tuple[str, str, str, str, str, st
 def plot_detection(result: dict[str, Any], out: str | Path, title: str = "") -> None:
     """Fig. 5 of the paper: the share of images called "perturbed" per budget (ε = 0: unperturbed), per version,
     with 95 % Wilson intervals."""
+    with atomic_path(out) as tmp:
+        _detection_figure(result, title).savefig(tmp, format="png", dpi=120)
+
+
+def _detection_figure(result: dict[str, Any], title: str):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -169,26 +185,41 @@ def plot_detection(result: dict[str, Any], out: str | Path, title: str = "") -> 
     ax.set_ylim(0, 100)
     ax.legend(fontsize=8, loc="upper left")
     ax.set_title(title or f"Human detection of perturbations ({result['n_answers']} answers)", fontsize=10)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+    return fig
+
+
+def _is_table_csv(path: Path) -> bool:
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return tuple(next(csv.reader([f.readline()]), [])) == TABLE_FIELDS
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return False
 
 
 def write_analysis(result: dict[str, Any], out_dir: str | Path, title: str = "") -> dict[str, Path]:
-    """detection.json (metrics), detection.csv (the table) and detection.png (the plot) in `out_dir`."""
+    """detection.json (metrics), detection.csv (the table) and detection.png (the plot) in `out_dir`.
+
+    The three are replaced together or not at all: each is checked (only what this project wrote there is
+    replaced) and written to a temporary file before any of them is renamed into place.
+    """
     out_dir = Path(out_dir)
     paths = {"json": out_dir / "detection.json", "csv": out_dir / "detection.csv", "png": out_dir / "detection.png"}
-    write_json(paths["json"], result)
-    with atomic_path(paths["csv"]) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["version", "eps_255", "n", "said_perturbed", "rate", "ci95_low", "ci95_high", "dprime",
-                    "dprime_ci95_low", "dprime_ci95_high"])
-        for v, e in result["versions"].items():
-            fa = e["false_alarm"]
-            w.writerow([v, 0, fa["n"], fa["said_perturbed"], fa["rate"], *fa["ci95"], "", "", ""])
-            for key, c in e["detection"].items():
-                w.writerow([v, int(key.split("_")[1]), c["n"], c["said_perturbed"], c["rate"], *c["ci95"],
-                            c.get("dprime", ""), *c.get("dprime_ci95", ["", ""])])
-    plot_detection(result, paths["png"], title)
+    fig = _detection_figure(result, title)
+    with contextlib.ExitStack() as stack:
+        tmp = {"json": stack.enter_context(atomic_path(paths["json"])),
+               "csv": stack.enter_context(atomic_path(paths["csv"], owned=_is_table_csv)),
+               "png": stack.enter_context(atomic_path(paths["png"]))}
+        tmp["json"].write_text(json.dumps(result, indent=2) + "\n")
+        with open(tmp["csv"], "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(TABLE_FIELDS)
+            for v, e in result["versions"].items():
+                fa = e["false_alarm"]
+                w.writerow([v, 0, fa["n"], fa["said_perturbed"], fa["rate"], *fa["ci95"], "", "", ""])
+                for key, c in e["detection"].items():
+                    w.writerow([v, int(key.split("_")[1]), c["n"], c["said_perturbed"], c["rate"], *c["ci95"],
+                                c.get("dprime", ""), *c.get("dprime_ci95", ["", ""])])
+        fig.savefig(tmp["png"], format="png", dpi=120)
     return paths
 
 
@@ -200,7 +231,7 @@ def simulate_responses(curves: dict[str, dict[int, float]], n_participants: int,
 
     Participants alternate between versions and see every pool image at every budget, like real ones.
     """
-    from pipeline.survey.store import EXPORT_FIELDS
+    from pipeline.survey.store import EXPORT_FIELDS, is_export_csv
 
     rng = random.Random(seed)
     versions = sorted(curves)
@@ -217,9 +248,10 @@ def simulate_responses(curves: dict[str, dict[int, float]], n_participants: int,
                          "eps": round(k / 255, 8), "perturbed": int(k > 0),
                          "answer": "perturbed" if said else "unperturbed", "said_perturbed": int(said),
                          "correct": int(said == (k > 0)), "still_adversarial": "", "file": "", "shown_at": "",
-                         "answered_at": "", "response_ms": "", "started_at": "", "completed": 1})
+                         "answered_at": "", "response_ms": "", "started_at": "", "completed": 1,
+                         "completion_code": ""})
     if out is not None:
-        with atomic_path(out) as tmp, open(tmp, "w", newline="") as f:
+        with atomic_path(out, owned=is_export_csv) as tmp, open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=EXPORT_FIELDS)
             w.writeheader()
             w.writerows(rows)

@@ -13,7 +13,7 @@ import hashlib
 import hmac
 import logging
 import re
-import secrets
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 
 COOKIE = "sipat_survey"
 MAX_BODY = 4096
-EXTERNAL_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+EXTERNAL_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}", re.ASCII)
+QUESTION_NUMBER = re.compile(r"[0-9]{1,6}", re.ASCII)  # str.isdigit() would admit '²' (int() fails) and '٣'
 EXTERNAL_ID_PARAMS = ("PROLIFIC_PID", "participant_id", "pid")  # what recruiting platforms append to the link
 SECURITY_HEADERS = [
     (b"cache-control", b"no-store"),
@@ -124,6 +125,22 @@ def load_versions(root: str | Path, names: Optional[list[str]] = None) -> dict[s
     return versions
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port (0: any free port) for uvicorn to serve on.
+
+    Made with protocol IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted connections only when the
+    listening socket says it is TCP, and without it each keep-alive response waits ~40 ms for a delayed ACK.
+    """
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise RuntimeError(f"cannot listen on {host}:{port}: {err.strerror}") from None
+    return sock
+
+
 class _Headers:
     """ASGI wrapper adding the security and no-cache headers to every response."""
 
@@ -199,13 +216,14 @@ def create_app(versions: dict[str, SurveyVersion], store: SurveyStore, *, images
     def check_external(value: Optional[str]) -> Optional[str]:
         if value in (None, ""):
             return None
-        if not EXTERNAL_ID.match(value):
+        if not EXTERNAL_ID.fullmatch(value):
             raise HTTPException(400, "The participant id must be 1-64 letters, digits, '.', '_' or '-'.")
         return value
 
     # When a question page was served travels in its form, signed, so that showing a page writes nothing;
-    # a stamp that does not verify (forged, or from before a server restart) only loses the response time.
-    secret = secrets.token_bytes(32)
+    # a stamp that does not verify (forged) only loses the response time. The key is kept in the database, so
+    # a stamp verifies after a restart and in every server process sharing the database.
+    secret = store.signing_key
 
     def shown_stamp(pid: int, position: int) -> str:
         t = now()
@@ -299,7 +317,7 @@ def create_app(versions: dict[str, SurveyVersion], store: SurveyStore, *, images
         if form.get("answer") not in ANSWERS:
             raise HTTPException(400, f"The answer must be one of: {', '.join(ANSWERS)}.")
         raw = form.get("item", "")
-        if not raw.isdigit() or len(raw) > 6:
+        if not QUESTION_NUMBER.fullmatch(raw):
             raise HTTPException(400, "The form must give the question number as 'item'.")
         shown_at = check_stamp(form.get("shown", ""), p.id, int(raw))
         status = await run_in_threadpool(store.answer, p.id, int(raw), form["answer"], shown_at)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import socket
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -87,7 +86,7 @@ def serve(
     """Run the survey web app (Starlette on uvicorn) until Ctrl-C; every answer is committed when given."""
     import uvicorn
 
-    from pipeline.survey.app import create_app, load_versions
+    from pipeline.survey.app import create_app, listening_socket, load_versions
     from pipeline.survey.store import SurveyStore
 
     with _errors():
@@ -97,12 +96,7 @@ def serve(
         store = SurveyStore(db, seed=s.seed, completion_code=s.completion_code)
         app = create_app(found, store, images_per_participant=s.images_per_participant, display_px=s.display_px,
                          title=title)
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as err:
-            raise RuntimeError(f"cannot listen on {host}:{port}: {err.strerror}") from None
+        sock = listening_socket(host, port)
     bound = sock.getsockname()[1]
     console.print(f"survey on [bold]http://{host}:{bound}{root_path}/[/bold]  versions {', '.join(found)}; "
                   f"responses in {escape(store.url)}  (Ctrl-C stops)", soft_wrap=True)
@@ -121,7 +115,7 @@ def export(
 ) -> None:
     """Every answer given so far, one row per answer, as CSV (the input of [bold]analyze[/bold])."""
     from pipeline.core.utils import atomic_path
-    from pipeline.survey.store import EXPORT_FIELDS, SurveyStore, SurveyStoreError, database_url
+    from pipeline.survey.store import EXPORT_FIELDS, SurveyStore, SurveyStoreError, database_url, is_export_csv
 
     with _errors():
         url = database_url(db)
@@ -129,7 +123,7 @@ def export(
             raise SurveyStoreError(f"response database not found: {db} (the survey writes it while it runs)")
         store = SurveyStore(url)
         n = 0
-        with atomic_path(out) as tmp, open(tmp, "w", newline="") as f:
+        with atomic_path(out, owned=is_export_csv) as tmp, open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=EXPORT_FIELDS)
             w.writeheader()
             for row in store.export_rows():
@@ -161,6 +155,7 @@ def analyze(
         table.add_column(h, justify="left" if h == "version" else "right")
     for r in table_rows(result):
         table.add_row(*r)
+    table.caption = "ε = 0: unperturbed images, the rate is the false-alarm rate"
     console.print(table)
     console.print(f"[green]wrote[/green] {', '.join(escape(str(p)) for p in paths.values())}", soft_wrap=True)
 
@@ -196,7 +191,8 @@ def simulate(
 
     c = _parse_curve(curve)
     names = [v.strip() for v in versions.split(",") if v.strip()]
-    rows = simulate_responses({v: c for v in names}, participants, images_per_participant=images_per_participant,
-                              seed=seed, out=out)
+    with _errors():
+        rows = simulate_responses({v: c for v in names}, participants,
+                                  images_per_participant=images_per_participant, seed=seed, out=out)
     console.print(f"[green]wrote[/green] {escape(str(out))}: {len(rows)} simulated answers "
                   f"({participants} participants)")

@@ -4,6 +4,10 @@ The attack runs in floating point; the result is then put on the 8-bit grid by r
 and clipping into the budget's ball around the clean image (which is itself 8-bit), so a stored image is never
 further than k/255 from the clean one, k = ε·255. Rounding can undo an attack that only just succeeded, so each
 image is classified again after rounding and the manifest says whether it still fools the model.
+
+A perturbed image may differ from its clean image only in what people are asked about, the perturbation's size:
+a grey image (all channels equal) is attacked with one δ shared by its channels, so it stays grey and colour
+gives nothing away (manifest column `constraint`).
 """
 
 from __future__ import annotations
@@ -61,13 +65,46 @@ def quantise_into_ball(x_adv: torch.Tensor, clean_u8: torch.Tensor, k: int) -> t
     return q.to(torch.uint8)
 
 
+def is_grey(x: torch.Tensor) -> torch.Tensor:
+    """Per image of a (N, C, H, W) batch: all channels equal (always true for one channel)."""
+    return (x == x[:, :1]).flatten(1).all(1)
+
+
+class _SharedChannels(nn.Module):
+    """`net` fed a one-channel image repeated to its `channels` channels: attacking this attacks with one δ
+    shared by all channels."""
+
+    def __init__(self, net: nn.Module, channels: int):
+        super().__init__()
+        self.net, self.channels = net, channels  # not `module`: pgd would unwrap that as a DDP wrapper
+        self.train(net.training)  # pgd restores the mode it found, which must be the network's own
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.expand(-1, self.channels, -1, -1))
+
+
 def run_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, attack: str, steps: int,
-               seed: int) -> torch.Tensor:
+               seed: int, grey: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Untargeted L∞ attack that uses the whole budget on every image (not only until it is misclassified).
 
     apgd-ce: AutoAttack's APGD on the cross-entropy, returning each image's highest-loss iterate
     (`best_loss=True`); pgd: the project's PGD (uniform start, step 2.5·ε/steps), returning the last iterate.
+    grey: bool per image; those images are attacked through one channel repeated to all channels (one δ
+    shared by the channels, so they come back grey), the others with a δ per channel.
     """
+    channels = x.shape[1]
+    if grey is None or channels == 1 or not bool(grey.any()):
+        return _attack(model, x, y, eps, attack=attack, steps=steps, seed=seed)
+    out = torch.empty_like(x)
+    out[grey] = _attack(_SharedChannels(model, channels), x[grey][:, :1], y[grey], eps, attack=attack,
+                        steps=steps, seed=seed).expand(-1, channels, -1, -1)
+    if not bool(grey.all()):
+        out[~grey] = _attack(model, x[~grey], y[~grey], eps, attack=attack, steps=steps, seed=seed)
+    return out
+
+
+def _attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, attack: str, steps: int,
+            seed: int) -> torch.Tensor:
     if attack == "apgd-ce":
         from pyautoattack.autopgd_base import APGDAttack
 
@@ -133,6 +170,7 @@ def build_image_set(model: nn.Module, meta: dict[str, Any], dataset: ImageDatase
     rows: list[dict[str, Any]] = []
     batches = [(k, s) for k in [0] + ks for s in range(0, len(idx), batch_size)]
     clean_pred = torch.empty(len(idx), dtype=torch.long)
+    grey = is_grey(clean_u8)
     with atomic_path(out, is_dir=True, owned=lambda p: (p / META).is_file()) as tmp:
         (tmp / "images").mkdir()
         for k, s in tqdm(batches, desc=f"survey images ({version})", unit="batch", disable=not progress):
@@ -146,7 +184,8 @@ def build_image_set(model: nn.Module, meta: dict[str, Any], dataset: ImageDatase
                 clean_pred[sl] = pred.cpu()
                 adv_float = pred != yb
             else:
-                x_adv = run_attack(model, xc, yb, k / 255.0, attack=attack, steps=steps, seed=seed + k)
+                x_adv = run_attack(model, xc, yb, k / 255.0, attack=attack, steps=steps, seed=seed + k,
+                                   grey=grey[sl].to(device))
                 adv_float = _predict(model, x_adv) != yb
                 q = quantise_into_ball(x_adv, xc_u8, k)
                 pred = _predict(model, q.float() / 255.0)
@@ -165,11 +204,13 @@ def build_image_set(model: nn.Module, meta: dict[str, Any], dataset: ImageDatase
                     "eps": round(k / 255.0, 8), "linf_255": int(linf[j]), "mean_abs_255": round(float(mean_abs[j]), 4),
                     "clean_pred": int(clean_pred[i]), "pred": int(pred[j]),
                     "clean_correct": bool(clean_pred[i] == lab), "adversarial_float": bool(adv_float[j]),
-                    "still_adversarial": bool(pred[j] != lab), "attack": "none" if k == 0 else attack})
+                    "still_adversarial": bool(pred[j] != lab), "attack": "none" if k == 0 else attack,
+                    "constraint": "none" if k == 0 else ("grey" if grey[i] else "per-channel")})
         rows.sort(key=lambda r: (r["role"] != "pool", r["index"], r["eps_255"]))
         summary = summarise(rows, ks)
         summary.update(version=version, attack=attack, steps=steps, seed=seed, n_pool=int(len(pool)),
-                       per_class=per_class, seconds=round(time.perf_counter() - t0, 2))
+                       grey_pool_images=int(grey[:len(pool)].sum()), per_class=per_class,
+                       seconds=round(time.perf_counter() - t0, 2))
         with open(tmp / MANIFEST, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
             w.writeheader()
@@ -182,7 +223,11 @@ def build_image_set(model: nn.Module, meta: dict[str, Any], dataset: ImageDatase
             "checkpoint_sha256": sha256_file(checkpoint, 16) if checkpoint else None,
             "model": {k: meta.get(k) for k in ("arch", "role", "strategy", "seed", "dataset") if k in meta},
             "attack": {"name": attack, "norm": "Linf", "steps": steps, "seed": seed, "untargeted": True,
-                       "returns": "highest-loss iterate" if attack == "apgd-ce" else "last iterate"},
+                       "returns": "highest-loss iterate" if attack == "apgd-ce" else "last iterate",
+                       "constraint": {"grey": "images with equal channels: one δ shared by all channels, so "
+                                              "they stay grey",
+                                      "per-channel": "other images: one δ per channel"},
+                       "grey_images": int(grey.sum()), "images": int(len(idx))},
             "rounding": "nearest 8-bit level, clipped to [clean - k, clean + k] ∩ [0, 255] (k = eps·255)",
             "eps_255": ks, "per_class": per_class, "pool": [int(i) for i in pool],
             "examples": [

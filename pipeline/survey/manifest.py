@@ -13,12 +13,12 @@ from typing import Any
 
 from pipeline.core.errors import DatasetError
 
-FORMAT = "sipat-survey-images-v1"
+FORMAT = "sipat-survey-images-v2"  # v2: grey images keep equal channels (`constraint`)
 MANIFEST = "manifest.csv"
 META = "set.json"
 MANIFEST_FIELDS = ("file", "version", "role", "index", "image_id", "label", "class_name", "eps_255", "eps",
                    "linf_255", "mean_abs_255", "clean_pred", "pred", "clean_correct", "adversarial_float",
-                   "still_adversarial", "attack")
+                   "still_adversarial", "attack", "constraint")
 
 
 def read_image_set(folder: str | Path) -> tuple[dict[str, Any], list[dict[str, str]]]:
@@ -33,7 +33,8 @@ def read_image_set(folder: str | Path) -> tuple[dict[str, Any], list[dict[str, s
     except json.JSONDecodeError as err:
         raise DatasetError(f"{meta_path}: not valid JSON: {err}") from None
     if info.get("format") != FORMAT:
-        raise DatasetError(f"{meta_path}: unknown format {info.get('format')!r} (expected {FORMAT})")
+        raise DatasetError(f"{meta_path}: unknown format {info.get('format')!r} (expected {FORMAT}); rebuild the "
+                           f"set with `dvc repro` or `sipat survey images`")
     with open(man_path, newline="") as f:
         rows = list(csv.DictReader(f))
     missing = set(MANIFEST_FIELDS) - set(rows[0] if rows else MANIFEST_FIELDS)

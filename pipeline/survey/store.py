@@ -9,6 +9,7 @@ participant's answers to a participant.
 
 from __future__ import annotations
 
+import csv
 import datetime as _dt
 import hashlib
 import logging
@@ -72,9 +73,29 @@ responses = sa.Table(
     sa.ForeignKeyConstraint(["participant_id", "position"], ["items.participant_id", "items.position"]),
 )
 
+# Values the survey's server processes share, e.g. the key that signs page timestamps: a timestamp signed by
+# one process verifies in every other process serving the same database.
+settings = sa.Table(
+    "settings", metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.String(256), nullable=False),
+)
+
 EXPORT_FIELDS = ("participant", "external_id", "version", "position", "pool_index", "image_id", "label", "eps_255",
                  "eps", "perturbed", "answer", "said_perturbed", "correct", "still_adversarial", "file",
-                 "shown_at", "answered_at", "response_ms", "started_at", "completed")
+                 "shown_at", "answered_at", "response_ms", "started_at", "completed", "completion_code")
+
+
+def is_export_csv(path: str | Path) -> bool:
+    """Whether `path` is a responses CSV as `sipat survey export` or `simulate` write it (judged by its header),
+    so that writing it again may replace it."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            header = next(csv.reader([f.readline()]), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return False
+    # older exports have a prefix of today's columns
+    return len(header) >= 4 and tuple(header) == EXPORT_FIELDS[:len(header)]
 
 
 def now() -> str:
@@ -139,7 +160,11 @@ class SurveyStore:
         self._lock = threading.Lock()  # assignment balance within one server process on any database
         try:
             self.engine = self._engine(self.url)
-            metadata.create_all(self.engine)
+            # one write transaction (BEGIN IMMEDIATE on SQLite): servers started at once on a new database
+            # queue here instead of failing with "database is locked" or "table already exists"
+            with self._write() as conn, conn.begin():
+                metadata.create_all(conn)
+            self.signing_key = self._shared_secret("signing_key")
         except sa.exc.ArgumentError as err:
             raise SurveyStoreError(f"not a database URL: {url!r} ({err})") from None
         except sa.exc.OperationalError as err:
@@ -173,6 +198,20 @@ class SurveyStore:
 
     def _write(self) -> Any:
         return self.engine.connect().execution_options(write=True)
+
+    def _shared_secret(self, name: str) -> bytes:
+        """A random key stored once in the database, the same for every process that opens it."""
+        for _ in range(2):  # a concurrent first insert on a database without BEGIN IMMEDIATE: read theirs
+            try:
+                with self._write() as conn, conn.begin():
+                    value = conn.execute(sa.select(settings.c.value).where(settings.c.name == name)).scalar()
+                    if value is None:
+                        value = secrets.token_hex(32)
+                        conn.execute(settings.insert().values(name=name, value=value))
+                return bytes.fromhex(value)
+            except sa.exc.IntegrityError:
+                continue
+        raise SurveyStoreError(f"{self.url}: cannot store the shared {name}")
 
     # ------------------------------------------------------------------------------------------ participants
 
@@ -291,7 +330,7 @@ class SurveyStore:
                        items.c.pool_index, items.c.image_id, items.c.label, items.c.eps_255,
                        items.c.still_adversarial, items.c.file, responses.c.shown_at, responses.c.answer,
                        responses.c.answered_at, responses.c.response_ms, participants.c.started_at,
-                       participants.c.completed_at)
+                       participants.c.completed_at, participants.c.completion_code)
              .select_from(j).order_by(participants.c.id, items.c.position))
         with self.engine.connect() as conn:
             for r in conn.execute(q):
@@ -304,7 +343,8 @@ class SurveyStore:
                        "correct": int(said == perturbed), "still_adversarial": int(bool(r.still_adversarial)),
                        "file": r.file, "shown_at": r.shown_at or "", "answered_at": r.answered_at,
                        "response_ms": "" if r.response_ms is None else r.response_ms,
-                       "started_at": r.started_at, "completed": int(r.completed_at is not None)}
+                       "started_at": r.started_at, "completed": int(r.completed_at is not None),
+                       "completion_code": r.completion_code}
 
     def counts(self) -> dict[str, int]:
         with self.engine.connect() as conn:
