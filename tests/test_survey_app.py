@@ -408,9 +408,10 @@ class Participant:
 
 
 def test_many_participants_answer_concurrently_nothing_lost_or_duplicated(server):
+    """50 participants at once (SIPAT_SURVEY_LOAD_PARTICIPANTS: another number, for a one-off larger run)."""
     url, db = server
     port = int(url.rsplit(":", 1)[1])
-    n_participants = 50
+    n_participants = int(os.environ.get("SIPAT_SURVEY_LOAD_PARTICIPANTS", 50))
     start_line = threading.Barrier(n_participants, timeout=120)
 
     def take_survey(i: int) -> tuple[str, dict[int, str], int]:
@@ -449,15 +450,18 @@ def test_many_participants_answer_concurrently_nothing_lost_or_duplicated(server
     store.close()
     sent = {(ext, pos): a for ext, answers, _ in results for pos, a in answers.items()}
     stored = {(r["external_id"], r["position"]): r["answer"] for r in rows}
-    lost = len(set(sent) - set(stored))
+    lost, duplicated = len(set(sent) - set(stored)), len(rows) - len(stored)
+    refused = sum(r for _, _, r in results)
+    with_time = sum(r["response_ms"] != "" for r in rows)
+    print(f"\nload test: {n_participants} participants, {len(sent)} answers acknowledged, {len(rows)} stored, "
+          f"{lost} lost, {duplicated} duplicated, {len(set(stored) - set(sent))} extra, {refused} of "
+          f"{n_participants} conflicting resubmissions refused, {with_time} with a response time, {seconds:.1f} s")
     assert len(sent) == n_participants * N_QUESTIONS
-    assert len(rows) == len(stored) == len(sent) and lost == 0  # nothing lost, nothing duplicated
+    assert len(rows) == len(stored) == len(sent) and lost == duplicated == 0  # nothing lost, nothing duplicated
     assert stored == sent  # and every stored answer is the one given first
-    assert sum(r for _, _, r in results) == n_participants
+    assert refused == n_participants and with_time == len(rows)
     assert all(r["completed"] == 1 for r in rows)
-    print(f"\nload test: {n_participants} participants, {len(rows)} answers stored, "
-          f"{n_participants} conflicting resubmissions refused, {seconds:.1f} s, answers lost: {lost}")
-    assert seconds < 240
+    assert seconds < 240 * max(1, n_participants / 50)
 
 
 def test_browser_completes_the_survey(server, tmp_path):
