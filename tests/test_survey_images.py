@@ -146,7 +146,7 @@ def test_image_set_of_a_partly_grey_dataset_records_the_constraint(tmp_path, dig
     model, meta = model_and_meta
     out = tmp_path / "set"
     build_image_set(model, meta, _Tinted(digits_test), out, version="v", eps_list=[4 / 255, 16 / 255],
-                    per_class=1, attack="apgd-ce", steps=3, seed=0, batch_size=5, device=torch.device("cpu"),
+                    per_class=1, attack="apgd-ce", steps=3, seed=0, batch_size=64, device=torch.device("cpu"),
                     progress=False)
     info, rows = read_image_set(out)
     seen = set()
