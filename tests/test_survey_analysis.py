@@ -171,7 +171,8 @@ def test_outputs_are_replaced_whole_or_not_at_all(tmp_path):
     for seed in ("1", "2"):  # the project's own CSV is replaced
         r = runner.invoke(app, ["survey", "simulate", "--out", str(sim), "--participants", "4", "--seed", seed])
         assert r.exit_code == 0, r.output
-    runner.invoke(app, ["survey", "simulate", "--out", str(tmp_path / "again.csv"), "--participants", "4", "--seed", "2"])
+    runner.invoke(app, ["survey", "simulate", "--out", str(tmp_path / "again.csv"), "--participants", "4",
+                        "--seed", "2"])
     assert sim.read_text() == (tmp_path / "again.csv").read_text()
     notes = tmp_path / "notes.csv"
     notes.write_text("my,own\n1,2\n")

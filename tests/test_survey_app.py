@@ -193,7 +193,8 @@ def test_server_processes_on_one_database_share_the_timestamp_key(image_root, tm
         for answering in (b, a, b):
             page = a.get("/question").text
             pos, shown = ITEM.search(page).group(1), SHOWN.search(page).group(1)
-            assert answering.post("/answer", data={"item": pos, "answer": "perturbed", "shown": shown}).status_code == 303
+            r = answering.post("/answer", data={"item": pos, "answer": "perturbed", "shown": shown})
+            assert r.status_code == 303
         rows = list(stores[0].export_rows())
         assert len(rows) == 3 and all(r["response_ms"] != "" for r in rows)
         assert stores[0].signing_key == stores[1].signing_key == SurveyStore(db).signing_key
