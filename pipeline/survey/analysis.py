@@ -19,7 +19,7 @@ from typing import Any, Iterable, Optional
 import numpy as np
 
 from pipeline.core.errors import SipatError
-from pipeline.core.utils import atomic_path, write_json
+from pipeline.core.utils import PNG_MARK, atomic_path, write_json
 
 Z95 = NormalDist().inv_cdf(0.975)
 REQUIRED = ("participant", "version", "eps_255", "answer")
@@ -170,7 +170,7 @@ def plot_detection(result: dict[str, Any], out: str | Path, title: str = "") -> 
     ax.legend(fontsize=8, loc="upper left")
     ax.set_title(title or f"Human detection of perturbations ({result['n_answers']} answers)", fontsize=10)
     with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+        fig.savefig(tmp, format="png", dpi=120, metadata=PNG_MARK)
 
 
 def write_analysis(result: dict[str, Any], out_dir: str | Path, title: str = "") -> dict[str, Path]:
