@@ -206,7 +206,7 @@ def masks_inspect(store: Annotated[Path, typer.Argument(help="a mask store (.zar
         table.add_row("counts", _fmt(attrs["counts"]))
     table.add_row("format", str(attrs.get("format")))
     table.add_row("integrity", f"[red]{escape('; '.join(problems))}[/red]" if problems
-                  else f"{scan['chunks']} chunk(s), all present and decodable")
+                  else f"{scan['chunks']} chunk(s), all present, decodable and as written")
     console.print(table)
     if problems:
         err_console.print(f"[bold red]error:[/bold red] mask store {escape(str(store))} is damaged: "

@@ -213,3 +213,32 @@ def test_corrupt_resume_warning_gives_no_torch_advice(tmp_path, caplog):
 
 class Foreign:
     """An object that a weights-only load refuses."""
+
+
+# ------------------------------------------------------------------------------- mask stores
+
+def test_swapped_chunks_are_refused_by_name(tmp_path):
+    """Two valid chunks swapped inside one store decode fine and keep the totals: only the per-chunk digests
+    recorded at write time tell them apart."""
+    import shutil
+
+    from test_maskstore import FakeDataset, random_masks, write
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.core.errors import MaskStoreError
+    from pipeline.maskstore import MaskStore
+
+    ds = FakeDataset(12)
+    path = tmp_path / "s.zarr"
+    write(path, ds, random_masks(12, ds.image_shape), chunk=4)
+    MaskStore.open(path, dataset=ds)
+    a, b = path / "c" / "1" / "0", path / "c" / "2" / "0"
+    shutil.copy(a, tmp_path / "x")
+    shutil.copy(b, a)
+    shutil.copy(tmp_path / "x", b)
+    with pytest.raises(MaskStoreError, match=r"2 of 3 chunk\(s\) hold other masks than were written there.*c/1/0, "
+                                             r"c/2/0"):
+        MaskStore.open(path, dataset=ds)
+    r = CliRunner().invoke(app, ["masks", "inspect", str(path)])
+    assert r.exit_code == 1 and "c/1/0" in r.output and "all present" not in r.output
