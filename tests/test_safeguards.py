@@ -242,3 +242,56 @@ def test_swapped_chunks_are_refused_by_name(tmp_path):
         MaskStore.open(path, dataset=ds)
     r = CliRunner().invoke(app, ["masks", "inspect", str(path)])
     assert r.exit_code == 1 and "c/1/0" in r.output and "all present" not in r.output
+
+
+# ------------------------------------------------------------------------------- no orphans
+
+_POOL_SCRIPT = """
+import multiprocessing as mp, os, sys, time
+from concurrent.futures import ProcessPoolExecutor
+from pipeline.evaluation import _init_worker
+
+def sleeper():
+    print(os.getpid(), flush=True)
+    time.sleep(300)
+
+if __name__ == "__main__":
+    ctx = mp.get_context("spawn")
+    with ProcessPoolExecutor(2, mp_context=ctx, initializer=_init_worker, initargs=({}, ctx.Queue(), 1)) as pool:
+        for _ in range(2):
+            pool.submit(sleeper)
+        time.sleep(300)
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+    return "\\nState:\\tZ" in state  # exited; only its parent's reaping is left
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+def test_evaluation_workers_exit_when_their_parent_is_killed(tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    script = tmp_path / "pool.py"
+    script.write_text(_POOL_SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                            env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    try:
+        pids = [int(proc.stdout.readline()) for _ in range(2)]
+        assert not any(_gone(p) for p in pids)
+    finally:
+        proc.send_signal(signal.SIGKILL)  # no cleanup of any kind runs in the parent
+        proc.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not all(_gone(p) for p in pids):
+        time.sleep(0.2)
+    left = [p for p in pids if not _gone(p)]
+    for p in left:
+        __import__("os").kill(p, signal.SIGKILL)
+    assert not left, "evaluation workers outlived their killed parent"
