@@ -32,7 +32,7 @@ survey: {per_class: 1, steps: 5}
 @pytest.fixture(scope="module")
 def tiny_repo(tmp_path_factory):
     root = tmp_path_factory.mktemp("repo")
-    for item in ("pipeline", "stages", "conf", "dvc.yaml", ".dvcignore"):
+    for item in ("pipeline", "stages", "conf", "hydra_plugins", "dvc.yaml", ".dvcignore"):
         src = REPO / item
         if src.is_dir():
             shutil.copytree(src, root / item, ignore=shutil.ignore_patterns("__pycache__"))

@@ -295,3 +295,42 @@ def test_evaluation_workers_exit_when_their_parent_is_killed(tmp_path):
     for p in left:
         __import__("os").kill(p, signal.SIGKILL)
     assert not left, "evaluation workers outlived their killed parent"
+
+
+# ------------------------------------------------------------------------------- params.yaml and dvc exp run
+
+@pytest.mark.slow
+def test_exp_run_refuses_to_discard_edits_of_params_yaml(tmp_path):
+    """`dvc exp run -S` rewrites params.yaml from conf/: an edit made in params.yaml stops it (one line naming
+    the key) and stays; params.yaml as conf/ composes it, or as an experiment left it, runs."""
+    import os
+    import shutil
+    import subprocess
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+
+    def run(*args):
+        return subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+    shutil.copytree(REPO / "hydra_plugins", tmp_path / "hydra_plugins", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "config.yaml").write_text("a: 1\nsection: {b: 2, c: 8/255}\n")
+    (tmp_path / "params.yaml").write_text("a: 1\nsection:\n  b: 2\n  c: 8/255\n")
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  s:\n    cmd: python -c \"import shutil; shutil.copy('params.yaml', 'out.txt')\"\n"
+        "    params: [a, section]\n    outs: [out.txt]\n")
+    (tmp_path / ".gitignore").write_text("__pycache__/\n")
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "hydra.enabled", "true"],
+                ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
+        assert run(*cmd).returncode == 0, cmd
+    assert run("dvc", "exp", "run", "-S", "a=3").returncode == 0  # params.yaml as conf/ composes it
+    assert run("dvc", "exp", "run", "-S", "a=4").returncode == 0  # as the experiment left it
+    edited = "a: 1\nsection:\n  b: 5\n  c: 8/255\n"
+    (tmp_path / "params.yaml").write_text(edited)
+    for args in (["-S", "a=3"], ["--queue", "-S", "a=5"]):
+        r = run("dvc", "exp", "run", *args)
+        err = [line for line in r.stderr.splitlines() if line.strip()]
+        assert r.returncode != 0 and len(err) == 1, r.stderr
+        assert "params.yaml differs from the composition of conf/ in section.b" in err[0] and "-S" in err[0]
+        assert (tmp_path / "params.yaml").read_text() == edited  # the edit is kept
