@@ -206,7 +206,7 @@ def masks_inspect(store: Annotated[Path, typer.Argument(help="a mask store (.zar
         table.add_row("counts", _fmt(attrs["counts"]))
     table.add_row("format", str(attrs.get("format")))
     table.add_row("integrity", f"[red]{escape('; '.join(problems))}[/red]" if problems
-                  else f"{scan['chunks']} chunk(s), all present and decodable")
+                  else f"{scan['chunks']} chunk(s), all present, decodable and as written")
     console.print(table)
     if problems:
         err_console.print(f"[bold red]error:[/bold red] mask store {escape(str(store))} is damaged: "
@@ -239,10 +239,14 @@ def masks_show(
     """A PNG grid of images with their masks overlaid (cf. the paper's Figures 2 and 4)."""
     import torch
 
+    from pipeline.core.utils import check_output
     from pipeline.figures import render_mask_grid
     from pipeline.maskstore import MaskStore, MaskStoreError, read_store_attrs
 
     with _errors():
+        if out.suffix.lower() != ".png":
+            raise ValueError(f"--out {out}: masks show writes PNG images only; give a name ending in .png")
+        check_output(out, kind="png")  # a user's file is never replaced (and is refused before any work)
         attrs, _ = read_store_attrs(store)
         if attrs.get("available") is False:
             raise MaskStoreError(f"mask store {store} holds no masks: {attrs.get('reason')}")
@@ -336,7 +340,7 @@ def report(
     """
     import os
 
-    from pipeline.core.utils import atomic_path
+    from pipeline.core.utils import TEXT_MARK, atomic_path
     from pipeline.figures import plot_comparison
     from pipeline.report import compare, load_metrics_dir, plot_path, to_markdown
 
@@ -355,7 +359,7 @@ def report(
             plot_comparison(g, plots[g.slug])
         md = to_markdown(groups, {s: os.path.relpath(p, out_md.parent) for s, p in plots.items()})
         with atomic_path(out_md) as tmp:
-            tmp.write_text(md)
+            tmp.write_text(md.rstrip("\n") + f"\n\n{TEXT_MARK}\n")
     for w in warnings:
         err_console.print(f"[bold yellow]warning:[/bold yellow] {escape(w)}", soft_wrap=True)
     for g in groups:

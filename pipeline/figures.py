@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.core.utils import atomic_path
+from pipeline.core.utils import PNG_MARK, atomic_path
 
 if TYPE_CHECKING:
     from pipeline.report import Group
@@ -56,7 +56,7 @@ def render_mask_grid(images, rows: list[tuple[str, Any]], titles: list[str], out
         ax.set_yticks([])
     fig.suptitle(suptitle, fontsize=9)
     with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+        fig.savefig(tmp, format="png", dpi=110, metadata=PNG_MARK)
 
 
 def plot_comparison(group: "Group", out: str | Path) -> None:
@@ -79,4 +79,4 @@ def plot_comparison(group: "Group", out: str | Path) -> None:
     ax.legend(fontsize=8)
     ax.set_title(group.title, fontsize=8)
     with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png")
+        fig.savefig(tmp, format="png", metadata=PNG_MARK)

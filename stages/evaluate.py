@@ -2,7 +2,7 @@
 
     python -m stages.evaluate student --checkpoint data/student/model.pt --out data/metrics/student.json
 
-The teacher is evaluated at `evaluate.teacher_eps` (null: every budget of `evaluate.eps`). The points are
+The teacher is evaluated at `evaluate.teacher_eps`, the student at `evaluate.eps`. The points are
 attacked in chunks by `evaluate.workers` local processes, or by every rank of a torchrun job (one per GPU):
 
     torchrun --nproc_per_node 4 -m stages.evaluate student --checkpoint ... --out ...
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pipeline.core.config import load_config
 from pipeline.core.errors import expected_errors
-from pipeline.core.utils import setup_logging
+from pipeline.core.utils import check_output, setup_logging
 from pipeline.evaluation.run import evaluate_run
 
 
@@ -29,6 +29,7 @@ def main() -> None:
     setup_logging()
     out = Path(args.out)
     with expected_errors():
+        check_output(out, kind="json")  # before the attacks, not after
         cfg = load_config()
         eps = cfg.evaluate.teacher_eps if args.role == "teacher" else None
         evaluate_run(cfg, args.checkpoint, out, partial_path=out.parent / f".{out.stem}.partial.json", eps=eps)

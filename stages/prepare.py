@@ -4,6 +4,7 @@
 
 Every image is decoded once (unreadable ones are named together), and the manifest records a content
 fingerprint of every file the dataset reads: a DVC output, so that replaced data reruns every stage after it.
+It runs first at every repro, so it also checks every stage's parameters (`pipeline.validate`).
 """
 
 import argparse
@@ -35,9 +36,11 @@ def main() -> None:
         from pipeline.core.config import load_config
         from pipeline.core.utils import atomic_path, setup_logging, write_json
         from pipeline.data import DATASETS, content_fingerprint, load_dataset
+        from pipeline.validate import check_config
 
         setup_logging()
         cfg = load_config()
+        check_config(cfg)  # every stage's parameters, before anything is trained
         with atomic_path(args.out, is_dir=True, owned=is_prepared) as tmp:
             summary = {"dataset": cfg.dataset}
             spec = DATASETS.get(cfg.dataset, "dataset")

@@ -8,7 +8,7 @@ import argparse
 
 from pipeline.core.config import load_config
 from pipeline.core.errors import expected_errors
-from pipeline.core.utils import setup_logging, write_json
+from pipeline.core.utils import check_output, setup_logging, write_json
 from pipeline.survey.images import build_from_checkpoint
 
 
@@ -21,6 +21,7 @@ def main() -> None:
     args = parser.parse_args()
     setup_logging()
     with expected_errors():
+        check_output(args.metrics, kind="json")
         cfg = load_config()
         summary = build_from_checkpoint(cfg, args.checkpoint, args.version, args.out)
         write_json(args.metrics, summary)

@@ -1,6 +1,5 @@
-"""Stages `teacher` and `train`: Madry PGD-AT of the robust teacher, or the student with `strategy` from params.
+"""Stage `train`: the student with `strategy` from params (or, by hand, the teacher: see stages/teacher.py).
 
-    python -m stages.train teacher --out data/teacher/model.pt --history data/teacher/history.json
     python -m stages.train student --out data/student/model.pt --history data/student/history.json \
         --masks synthetic=data/masks/synthetic.zarr --masks human=data/masks/human.zarr
 
@@ -11,8 +10,9 @@ import argparse
 
 from pipeline.core.config import load_config
 from pipeline.core.errors import ConfigError, expected_errors
-from pipeline.core.utils import setup_logging, write_json
+from pipeline.core.utils import check_output, setup_logging, write_json
 from pipeline.distributed import is_main
+from pipeline.strategies import builtin  # noqa: F401  (the student may run any strategy)
 from pipeline.training.run import train_run
 
 
@@ -36,10 +36,12 @@ def main() -> None:
     args = parser.parse_args()
     setup_logging()
     with expected_errors():
+        check_output(args.out, kind="torch")  # before hours of training, not after
+        check_output(args.history, kind="json")
         cfg = load_config()
         summary = train_run(cfg, args.role, args.out, mask_stores=_masks(args.masks))
     if is_main():  # under torchrun only rank 0 writes
-        write_json(args.history, summary["history"])
+        write_json(args.history, {"history": summary["history"]})
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ def test_the_dependency_check_catches_both_mistakes():
     assert any(f.parent.name == "data" for f in code)
     assert not all(any(f == d or d in f.parents for d in _code_deps(missing)) for f in code
                    if f.name != "__init__.py" or f.parent.name != "pipeline")
-    extra = dict(spec, deps=spec["deps"] + ["pipeline/strategies"])
+    extra = dict(spec, deps=spec["deps"] + ["pipeline/survey"])
     assert any(f not in code for d in _code_deps(extra) for f in _files(d))
 
 

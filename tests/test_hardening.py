@@ -80,7 +80,7 @@ def test_show_out_onto_a_user_folder_or_file_is_refused(tmp_path):
     notes = tmp_path / "notes.png"  # a PNG name, but a user's text inside
     notes.write_text("not a picture")
     r = cli("masks", "show", tmp_path / "h.zarr", "--out", notes, "--n", "2")
-    assert r.exit_code == 1 and "not a PNG image" in r.text and notes.read_text() == "not a picture"
+    assert r.exit_code == 1 and "not written by this project" in r.text and notes.read_text() == "not a picture"
     # What this project wrote is replaced as before.
     assert cli("masks", "show", tmp_path / "h.zarr", "--out", tmp_path / "m.png", "--n", "2").exit_code == 0
     assert cli("masks", "show", tmp_path / "h.zarr", "--out", tmp_path / "m.png", "--n", "3").exit_code == 0
@@ -130,7 +130,7 @@ def test_temporary_folders_of_a_killed_write_are_cleaned(tmp_path):
         p.mkdir()
     write_json(out, {"a": 2})
     assert not stale[0].exists() and all(p.exists() for p in lookalikes)
-    assert json.loads(out.read_text()) == {"a": 2}
+    assert json.loads(out.read_text()) == {"written_by": "sipat", "a": 2}
 
 
 # ------------------------------------------------------------------------------- 2. damaged mask stores

@@ -32,7 +32,7 @@ survey: {per_class: 1, steps: 5}
 @pytest.fixture(scope="module")
 def tiny_repo(tmp_path_factory):
     root = tmp_path_factory.mktemp("repo")
-    for item in ("pipeline", "stages", "conf", "dvc.yaml"):
+    for item in ("pipeline", "stages", "conf", "hydra_plugins", "dvc.yaml", ".dvcignore"):
         src = REPO / item
         if src.is_dir():
             shutil.copytree(src, root / item, ignore=shutil.ignore_patterns("__pycache__"))
@@ -46,9 +46,11 @@ def tiny_repo(tmp_path_factory):
 
     compose_and_dump(root / "params.yaml", str(root / "conf"), None, "config", "", [])
     (root / ".gitignore").write_text("__pycache__/\n")
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-               DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@t")
+    # Bytecode writing on, as on most machines: the stages' own imports write __pycache__/ inside the code
+    # folders they depend on, which must not make any stage stale.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env.update(PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", DVC_NO_ANALYTICS="1",
+               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
     _run(["git", "init", "-q"], root, env)
     _run(["dvc", "init", "-q"], root, env)
     _run(["dvc", "config", "hydra.enabled", "true"], root, env)
@@ -79,6 +81,18 @@ def test_dvc_repro_end_to_end(tiny_repo):
 
     shown = _run(["dvc", "metrics", "show", "--json"], root, env)
     assert "clean_acc" in shown and "eps_32_255" in shown
+
+
+def test_bytecode_caches_make_no_stage_stale(tiny_repo):
+    """Importing the code (as `sipat metrics` or a test run does) writes __pycache__/ beside every module."""
+    root, env = tiny_repo
+    modules = sorted(".".join(f.relative_to(root).with_suffix("").parts) for d in ("pipeline", "stages")
+                     for f in (root / d).rglob("*.py") if f.name != "__init__.py")
+    code = "import importlib\nfor m in %r:\n    importlib.import_module(m)\n" % modules
+    _run([sys.executable, "-c", code], root, env)
+    assert (root / "pipeline" / "strategies" / "__pycache__").is_dir()
+    assert (root / "stages" / "__pycache__").is_dir()
+    assert _status(root, env) == set()
 
 
 def _status(root, env) -> set[str]:
@@ -138,10 +152,21 @@ PARAM_EFFECTS = {
     ("evaluate", "n_examples"): {"evaluate_teacher", "evaluate"},
     ("perf", "amp"): {"teacher", "train"},
     ("survey", "per_class"): {"survey_images_teacher", "survey_images_student"},
+    ("evaluate", "eps"): {"evaluate"},
+    ("evaluate", "teacher_eps"): {"evaluate_teacher"},
+    ("train", "trades", "beta"): {"train"},  # the checkpoint records sip_s's section only: see below
+    # speed only: nothing reruns
+    ("evaluate", "workers"): set(),
+    ("evaluate", "threads_per_worker"): set(),
+    ("evaluate", "batch_size"): set(),
+    ("perf", "resume"): set(),
+    ("data", "num_workers"): set(),
 }
 NEW_VALUES = {"strategy": "madry", "model": "resnet18", "seed": 7, "device": "cpu", "image_size": 12,
               "val_fraction": 0.2, "steps": 3, "epochs": 9, "fraction": 0.25, "chunk_size": 64,
-              "threshold": 0.25, "n_examples": 10, "amp": "off", "per_class": 2}
+              "threshold": 0.25, "n_examples": 10, "amp": "off", "per_class": 2, "eps": ["16/255", "32/255"],
+              "teacher_eps": ["16/255"], "beta": 1.0, "workers": 3, "threads_per_worker": 2, "batch_size": 100,
+              "resume": False, "num_workers": 1}
 
 
 @pytest.mark.parametrize("key", list(PARAM_EFFECTS), ids=".".join)
@@ -160,6 +185,25 @@ def test_a_parameter_change_reruns_exactly_the_stages_that_read_it(tiny_repo, ke
         assert _status(root, env) == PARAM_EFFECTS[key]
     finally:
         params_file.write_text(original)
+
+
+def test_another_strategys_parameter_does_not_rerun_the_evaluation(tiny_repo):
+    """`train.trades.beta` reruns the (sip_s) student's training, whose checkpoint comes out byte-identical:
+    its evaluation is not rerun."""
+    root, env = tiny_repo
+    params_file = root / "params.yaml"
+    original = params_file.read_text()
+    params = yaml.safe_load(original)
+    params["train"]["trades"]["beta"] = 1.0
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        out = _run(["dvc", "repro"], root, env)
+        ran = [line for line in out.splitlines() if line.startswith("Running stage")]
+        assert ran == ["Running stage 'prepare':", "Running stage 'train':"], ran
+    finally:
+        params_file.write_text(original)
+        _run(["dvc", "repro"], root, env)
+    assert _status(root, env) == set()
 
 
 def test_forced_reruns_write_identical_outputs(tiny_repo):

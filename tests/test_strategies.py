@@ -92,15 +92,30 @@ def test_sip_attack_leaves_salient_elements_untouched():
 
 
 def test_strategy_sections_are_validated_by_name():
+    bad = StudentConfig(trades={"betta": 1}, fatt={"tau": 1}, part={"low_eps_fraction": "9/8"})
     with pytest.raises(ConfigError) as err:
-        make_strategy("madry", ATTACK, StudentConfig(trades={"betta": 1}, fatt={"tau": 1},
-                                                      part={"low_eps_fraction": "9/8"}))
+        strategy_params(bad, ATTACK)  # every section: what the prepare stage checks before any training
     msg = str(err.value)
     assert "train.trades.betta: unknown key" in msg
     assert "train.fatt: unknown key" in msg
     assert "train.part.low_eps_fraction" in msg  # a low budget above ε is refused
     with pytest.raises(ConfigError, match="train.fat.tau_milestones"):
         strategy_params(StudentConfig(fat={"tau_milestones": ["3/4", "1/4"]}), ATTACK)
+    # a strategy reads (and checks) its own section only
+    with pytest.raises(ConfigError, match="train.trades.betta"):
+        make_strategy("trades", ATTACK, bad)
+    assert make_strategy("madry", ATTACK, bad).name == "madry"
+
+
+def test_importing_the_package_or_one_strategy_imports_no_other_strategy():
+    """The teacher imports `madry` alone: an edit of another strategy's module must not retrain it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pipeline.strategies import madry; from pipeline.training import run; "
+            "print(sorted(m for m in sys.modules if m.startswith('pipeline.strategies.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['pipeline.strategies.madry']"
 
 
 def test_trades_kl_matches_a_hand_computation():

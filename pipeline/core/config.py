@@ -153,16 +153,24 @@ class EvalConfig(_Strict):
     chunk_size: int = Field(90, ge=1)
     workers: int = Field(2, ge=1)  # local worker processes (ignored under torchrun, whose ranks are the workers)
     threads_per_worker: Optional[int] = Field(1, ge=1)  # torch threads per worker; None: cores / workers
-    # budgets for the teacher's evaluation (its training budget); None: same as `eps`
-    teacher_eps: Optional[list[Budget]] = Field(default_factory=lambda: [parse_budget("32/255")])
+    # budgets for the teacher's evaluation (its training budget). Always a list of its own (conf/ writes
+    # `${evaluate.eps}` for "every budget of eps"): each evaluation stage declares only its own key, so that a
+    # change of `eps` does not rerun the teacher's evaluation, nor `teacher_eps` the student's.
+    teacher_eps: list[Budget] = Field(default_factory=lambda: [parse_budget("32/255")])
     ladder: bool = False
     seed: int = 0  # picks the evaluated subset and seeds AutoAttack; the same for every student
 
+    @field_validator("teacher_eps", mode="before")
+    @classmethod
+    def _teacher_list(cls, v: Any) -> Any:
+        if v is None:
+            raise ValueError("null is not accepted: list the teacher's budgets (the same list as evaluate.eps for "
+                             "every budget; in conf/: ${evaluate.eps})")
+        return v
+
     @field_validator("eps", "teacher_eps")
     @classmethod
-    def _nonempty_sorted(cls, v: Optional[list[float]]) -> Optional[list[float]]:
-        if v is None:
-            return v
+    def _nonempty_sorted(cls, v: list[float]) -> list[float]:
         if not v:
             raise ValueError("at least one budget is needed")
         return sorted(set(v))
@@ -184,6 +192,8 @@ def _survey_budget(value: Any) -> float:
         raise ValueError(f"{value!r} is not a multiple of 1/255: 8-bit images can only hold perturbations k/255")
     if k < 1:
         raise ValueError("survey budgets must be at least 1/255 (the unperturbed image is always shown)")
+    if k > 255:
+        raise ValueError(f"{value!r} is above 1 (255/255): images are in [0, 1]")
     return k / 255.0
 
 

@@ -54,6 +54,13 @@ _KIND_NAMES = {"png": "PNG image", "torch": "PyTorch checkpoint", "json": "JSON 
 _TMP_RANDOM = "[a-z0-9_]{8}"
 _OWNER_FILE = ".sipat-owner"
 
+# The mark that every file this project writes carries, so that it replaces only its own files (a user's file
+# of the same format is never replaced): a PNG text chunk, a JSON key, a Markdown comment; checkpoints and
+# resume states carry a "format" value that starts with "sipat-".
+MARK_KEY, MARK_VALUE = "written_by", "sipat"
+PNG_MARK = {MARK_KEY: MARK_VALUE}  # savefig(..., metadata=PNG_MARK)
+TEXT_MARK = f"<!-- {MARK_KEY} {MARK_VALUE} -->"
+
 
 def _sniff(path: Path) -> Optional[str]:
     """The kind of a regular file this project could have written, or None."""
@@ -77,6 +84,42 @@ def _sniff(path: Path) -> Optional[str]:
         return "json"
     except ValueError:
         return "text"
+
+
+def _torch_marked(path: Path) -> bool:
+    """A torch.save archive whose pickle holds a "sipat-..." format tag (read without unpickling anything)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            name = next((n for n in z.namelist() if n.endswith("/data.pkl")), None)
+            if name is None or z.getinfo(name).file_size > 64 << 20:
+                return False
+            return re.search(rb"sipat-[a-z]+-v\d", z.read(name)) is not None
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
+
+
+def is_marked(path: str | Path, kind: Optional[str] = None) -> bool:
+    """Whether the file at `path` carries this project's mark (see MARK_KEY), i.e. this project wrote it."""
+    path = Path(path)
+    kind = kind or _sniff(path)
+    try:
+        if kind == "png":
+            from PIL import Image
+
+            with Image.open(path) as im:
+                return getattr(im, "text", {}).get(MARK_KEY) == MARK_VALUE
+        if kind == "torch":
+            return _torch_marked(path)
+        if kind == "json":
+            obj = json.loads(path.read_text())
+            return isinstance(obj, dict) and obj.get(MARK_KEY) == MARK_VALUE
+        if kind == "text":
+            return TEXT_MARK in path.read_text()
+    except (OSError, ValueError, SyntaxError):  # PIL: SyntaxError for a broken PNG
+        return False
+    return False
 
 
 def is_sipat_store(path: Path) -> bool:
@@ -114,11 +157,19 @@ def _check_owned(final: Path, is_dir: bool, kind: Optional[str], owned: Optional
                              f"another output path")
     expected = kind or _SUFFIX_KINDS.get(final.suffix.lower())
     found = _sniff(final)
-    if found is None or (expected is not None and found != expected) or (expected is None and found == "text"):
-        desc = _KIND_NAMES.get(expected or "", "file")
-        raise OutputConflict(f"{final} exists and is not a {desc} written by this project "
-                             f"({'unrecognised content' if found is None else 'it holds a ' + _KIND_NAMES[found]}"
-                             f"); move it away or choose another output path")
+    if found is not None and (expected is None or found == expected) and is_marked(final, found):
+        return
+    what = ("unrecognised content" if found is None else
+            f"a {_KIND_NAMES[found]} without this project's mark" if found == expected or expected is None else
+            f"it holds a {_KIND_NAMES[found]}")
+    raise OutputConflict(f"{final} exists and was not written by this project ({what}); move it away or choose "
+                         f"another output path")
+
+
+def check_output(path: str | Path, *, is_dir: bool = False, kind: Optional[str] = None,
+                 owned: Optional[Callable[[Path], bool]] = None) -> None:
+    """Fail (OutputConflict) now, before any work, if `atomic_path` would later refuse to replace `path`."""
+    _check_owned(Path(path), is_dir, kind, owned)
 
 
 def _alive(owner: Path) -> bool:
@@ -175,8 +226,9 @@ def atomic_path(final: str | Path, *, is_dir: bool = False, kind: Optional[str] 
     An interrupted write leaves no file at `final` that DVC could cache as a finished output. Whatever is at
     `final` is replaced only if this project wrote it, checked before the block runs: a folder must satisfy
     `owned` (default: a mask store of this project) or be empty; a file must satisfy `owned` if given, else be
-    of `kind` ("png", "torch", "json", "text"; default: from the suffix); otherwise OutputConflict. Temporary
-    folders of earlier killed writes of `final` are removed first.
+    of `kind` ("png", "torch", "json", "text"; default: from the suffix) and carry this project's mark
+    (`is_marked`); otherwise OutputConflict. Temporary folders of earlier killed writes of `final` are removed
+    first.
     """
     final = Path(final)
     _check_owned(final, is_dir, kind, owned)
@@ -199,9 +251,12 @@ def atomic_path(final: str | Path, *, is_dir: bool = False, kind: Optional[str] 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_json(path: str | Path, obj: Any) -> None:
+def write_json(path: str | Path, obj: dict[str, Any]) -> None:
+    """`obj` as indented JSON, with this project's mark as its first key (a file without it is never replaced)."""
+    if not isinstance(obj, dict):
+        raise TypeError(f"write_json writes a mapping (it carries the {MARK_KEY!r} mark), got {type(obj).__name__}")
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+        tmp.write_text(json.dumps({MARK_KEY: MARK_VALUE, **obj}, indent=2, sort_keys=False) + "\n")
 
 
 def sha256_file(path: str | Path, limit: int | None = None) -> str:

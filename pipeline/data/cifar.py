@@ -75,7 +75,11 @@ class CIFARDataset(ImageDataset):
         for fname in files:
             entry = _unpickle(base / fname)
             if "data" not in entry or label_key not in entry:
-                raise DatasetError(f"{base / fname}: expected keys 'data' and {label_key!r}")
+                keys = list(entry)
+                found = ", ".join(repr(k) for k in keys[:8]) + (", ..." if len(keys) > 8 else "") or "none"
+                hint = (" (bytes keys: pickled as Python 2 bytes; the Python version of the download has str "
+                        "keys)" if any(isinstance(k, bytes) for k in keys) else "")
+                raise DatasetError(f"{base / fname}: expected keys 'data' and {label_key!r}, found {found}{hint}")
             arr = np.asarray(entry["data"], dtype=np.uint8)
             if arr.ndim != 2 or arr.shape[1] != 3 * 32 * 32:
                 raise DatasetError(f"{base / fname}: 'data' must be N×3072 uint8, got {arr.shape}")

@@ -26,6 +26,7 @@ import contextlib
 import copy
 import hashlib
 import logging
+import os
 import queue as queue_mod
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -199,8 +200,27 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(state: dict[str, Any], events, threads: int) -> None:
+    _exit_with_parent()
     torch.set_num_threads(threads)
     _WORKER.update(state, events=events)
+
+
+def _exit_with_parent() -> None:
+    """End this worker as soon as the process that spawned it is gone (killed with SIGKILL, say), instead of
+    blocking on a queue nobody reads while it holds a GPU. The parent's sentinel is a pipe that closes with it."""
+    import multiprocessing as mp
+    import threading
+    from multiprocessing.connection import wait as wait_ready
+
+    parent = mp.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        wait_ready([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _worker_chunk(chunk: int, start: int, stop: int) -> dict[str, Any]:

@@ -10,6 +10,7 @@ Several processes can write one store together, each a chunk-aligned range of ro
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -139,6 +140,12 @@ def _chunk_key(arr, i: int) -> str:
     return arr.metadata.encode_chunk_key((i, 0))
 
 
+def chunk_digest(rows: np.ndarray) -> str:
+    """Digest of one chunk's decoded rows: recorded at write time, so that chunks swapped or replaced by
+    another store's (valid, decodable) chunks are told apart from the ones written there."""
+    return hashlib.blake2b(np.ascontiguousarray(rows).tobytes(), digest_size=8).hexdigest()
+
+
 def scan_chunks(path: Path, arr, *, keep: bool = False) -> tuple[dict[str, Any], Optional[np.ndarray]]:
     """Read every chunk of a store once.
 
@@ -151,24 +158,29 @@ def scan_chunks(path: Path, arr, *, keep: bool = False) -> tuple[dict[str, Any],
     out = np.zeros((n, width), dtype=np.uint8) if keep else None
     missing: list[str] = []
     corrupt: list[str] = []
+    digests: list[Optional[str]] = []
     empty = salient = 0
     for i in range(-(-n // rows_per) if n else 0):
         key = _chunk_key(arr, i)
         lo, hi = i * rows_per, min(n, (i + 1) * rows_per)
         if not (path / key).is_file():
             missing.append(key)
+            digests.append(None)
             continue
         try:
             rows = np.asarray(arr[lo:hi])
         except Exception as err:  # noqa: BLE001 - codecs raise several types for damaged bytes
             corrupt.append(f"{key} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
+            digests.append(None)
             continue
+        digests.append(chunk_digest(rows))
         empty += int((rows == 0).all(axis=1).sum())  # padding bits are always zero
         salient += int(_POPCOUNT[rows].sum())
         if out is not None:
             out[lo:hi] = rows
     report = {"chunks": -(-n // rows_per) if n else 0, "missing": missing, "corrupt": corrupt,
-              "empty_masks": empty, "salient_elements": salient}
+              "empty_masks": empty, "salient_elements": salient, "chunk_digests": digests,
+              "chunk_keys": [_chunk_key(arr, i) for i in range(len(digests))]}
     return report, out
 
 
@@ -193,6 +205,16 @@ def integrity_problems(report: dict[str, Any], attrs: dict[str, Any]) -> list[st
     if "salient_elements" in totals and int(totals["salient_elements"]) != report["salient_elements"]:
         problems.append(f"{report['salient_elements']} salient elements, but the store recorded "
                         f"{totals['salient_elements']} when written")
+    recorded = totals.get("chunk_digests")
+    if recorded is not None:
+        if len(recorded) != len(report["chunk_digests"]):
+            problems.append(f"{len(report['chunk_digests'])} chunks, but the store recorded {len(recorded)}")
+        else:
+            arr_keys = report.get("chunk_keys") or [str(i) for i in range(len(recorded))]
+            changed = [arr_keys[i] for i, (a, b) in enumerate(zip(recorded, report["chunk_digests"])) if a != b]
+            if changed:
+                problems.append(f"{len(changed)} of {report['chunks']} chunk(s) hold other masks than were written "
+                                f"there (swapped, or copied from another store): {listed(changed)}")
     return problems
 
 

@@ -104,7 +104,8 @@ def _final_attrs(tmp: Path, n: int, shape: tuple[int, ...], chunk: int, attrs: d
     if stats:
         final["counts"] = {**final.get("counts", {}), **dict(stats)}
     report, _ = scan_chunks(tmp, zarr.open_array(str(tmp), mode="r"))
-    final["totals"] = {"empty_masks": report["empty_masks"], "salient_elements": report["salient_elements"]}
+    final["totals"] = {"empty_masks": report["empty_masks"], "salient_elements": report["salient_elements"],
+                       "chunk_digests": report["chunk_digests"]}
     problems = integrity_problems(report, final)
     if problems:
         raise MaskStoreError(f"{tmp}: the store read back differs from what was written: {'; '.join(problems)}")

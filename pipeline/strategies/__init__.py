@@ -5,11 +5,17 @@ A strategy is one module: a subclass of `Strategy` whose name is written once, i
 model (`Params`), read from `train.<name>` in params.yaml. The one PGD call lives here (`adversarial`);
 strategies change what goes into it by overriding `budget`, `attack_mask` or `attack_options`.
 
-Validation of `train.<name>`: `pipeline.core.config` must not import this package (the prepare and evaluate
-stages load the same params.yaml without any training code), so it only checks that each strategy section is
-a mapping. `make_strategy`, which the train stage calls before loading any data, validates every section
-against its strategy's `Params` (errors name `train.<name>.<key>`), rejects a section that names no
-strategy, and checks each strategy's budgets against `attack.eps`.
+Adding a strategy: its module, plus its import in `pipeline/strategies/builtin.py` (the one registration).
+Importing this package imports no strategy module; `builtin` is imported when a name is missing or the names
+are listed. So the teacher, which imports `madry` itself, depends on `madry.py` alone (an edit of `trades.py`
+does not retrain it).
+
+Validation of `train.<name>`: `pipeline.core.config` must not import this package (the evaluate stages load
+the same params.yaml without any training code), so it only checks that each strategy section is a mapping.
+`strategy_params` validates every section against its strategy's `Params` (errors name
+`train.<name>.<key>`), rejects a section that names no strategy and checks each strategy's budgets against
+`attack.eps`: the prepare stage runs it before anything is trained (`pipeline.validate`). `make_strategy`
+validates the section of the strategy it builds.
 """
 
 from __future__ import annotations
@@ -45,7 +51,8 @@ class StrategyParams(BaseModel):
         return []
 
 
-STRATEGIES: Registry[type["Strategy"]] = Registry("strategy")
+# The class statement of each strategy registers it; pipeline/strategies/builtin.py imports them all.
+STRATEGIES: Registry[type["Strategy"]] = Registry("strategy", loader="pipeline.strategies.builtin")
 
 
 class Strategy:
@@ -110,9 +117,10 @@ def _format(err: ValidationError, section: str) -> str:
     return "\n".join(lines)
 
 
-def strategy_params(train: Optional[StudentConfig], attack: AttackConfig,
-                    epochs: Optional[int] = None) -> dict[str, StrategyParams]:
-    """Every strategy's validated parameters from the `train.<name>` sections (defaults where absent).
+def strategy_params(train: Optional[StudentConfig], attack: AttackConfig, epochs: Optional[int] = None,
+                    names: Optional[list[str]] = None) -> dict[str, StrategyParams]:
+    """The validated parameters of strategies `names` (default: every strategy, which also rejects a section
+    that names no strategy) from the `train.<name>` sections (defaults where absent).
 
     Raises ConfigError naming each bad key: a section that names no strategy, a bad value, or a budget that
     exceeds `attack.eps`.
@@ -120,10 +128,11 @@ def strategy_params(train: Optional[StudentConfig], attack: AttackConfig,
     train = train or StudentConfig()
     epochs = epochs if epochs is not None else train.epochs
     sections: Mapping[str, Any] = train.strategy_sections()
-    problems = [f"  train.{k}: unknown key (neither a training option nor a strategy; strategies: "
-                f"{STRATEGIES.names()})" for k in sections if k not in STRATEGIES]
+    problems = [] if names is not None else [
+        f"  train.{k}: unknown key (neither a training option nor a strategy; strategies: {STRATEGIES.names()})"
+        for k in sections if k not in STRATEGIES]
     out: dict[str, StrategyParams] = {}
-    for name in STRATEGIES:
+    for name in (names if names is not None else STRATEGIES):
         cls = STRATEGIES.get(name)
         try:
             p = cls.Params.model_validate(sections.get(name, {}))
@@ -141,11 +150,4 @@ def make_strategy(name: str, attack: AttackConfig, params: Optional[StudentConfi
                   total_epochs: int = 1) -> Strategy:
     """The strategy `name`, with its parameters from `params` (the `train` section), validated first."""
     cls = STRATEGIES.get(name, "strategy")
-    return cls(attack, strategy_params(params, attack, total_epochs)[name], total_epochs)
-
-
-def _register_builtin() -> None:
-    from pipeline.strategies import basic, fat, madry, part, sip, trades  # noqa: F401
-
-
-_register_builtin()
+    return cls(attack, strategy_params(params, attack, total_epochs, names=[name])[name], total_epochs)

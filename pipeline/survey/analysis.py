@@ -21,7 +21,7 @@ from typing import Any, Iterable, Optional
 import numpy as np
 
 from pipeline.core.errors import SipatError
-from pipeline.core.utils import atomic_path
+from pipeline.core.utils import MARK_KEY, MARK_VALUE, PNG_MARK, atomic_path
 
 Z95 = NormalDist().inv_cdf(0.975)
 REQUIRED = ("participant", "version", "eps_255", "answer")
@@ -153,7 +153,7 @@ def plot_detection(result: dict[str, Any], out: str | Path, title: str = "") -> 
     """Fig. 5 of the paper: the share of images called "perturbed" per budget (ε = 0: unperturbed), per version,
     with 95 % Wilson intervals."""
     with atomic_path(out) as tmp:
-        _detection_figure(result, title).savefig(tmp, format="png", dpi=120)
+        _detection_figure(result, title).savefig(tmp, format="png", dpi=120, metadata=PNG_MARK)
 
 
 def _detection_figure(result: dict[str, Any], title: str):
@@ -209,7 +209,7 @@ def write_analysis(result: dict[str, Any], out_dir: str | Path, title: str = "")
         tmp = {"json": stack.enter_context(atomic_path(paths["json"])),
                "csv": stack.enter_context(atomic_path(paths["csv"], owned=_is_table_csv)),
                "png": stack.enter_context(atomic_path(paths["png"]))}
-        tmp["json"].write_text(json.dumps(result, indent=2) + "\n")
+        tmp["json"].write_text(json.dumps({MARK_KEY: MARK_VALUE, **result}, indent=2) + "\n")
         with open(tmp["csv"], "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(TABLE_FIELDS)
@@ -219,7 +219,7 @@ def write_analysis(result: dict[str, Any], out_dir: str | Path, title: str = "")
                 for key, c in e["detection"].items():
                     w.writerow([v, int(key.split("_")[1]), c["n"], c["said_perturbed"], c["rate"], *c["ci95"],
                                 c.get("dprime", ""), *c.get("dprime_ci95", ["", ""])])
-        fig.savefig(tmp["png"], format="png", dpi=120)
+        fig.savefig(tmp["png"], format="png", dpi=120, metadata=PNG_MARK)
     return paths
 
 

@@ -172,18 +172,33 @@ def _decode_history(rows: list) -> list[dict]:
     return [dict(r) for r in rows]
 
 
+RESUME_FORMAT = "sipat-resume-v1"  # also the mark that lets a later run replace it
+
+
 def _load_resume(opts: TrainOptions) -> Optional[dict]:
     path = opts.resume_path
     if path is None or not Path(path).is_file():
         return None
+    import pickle
+
+    why = None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict):
-            raise TypeError(f"it holds a {type(state).__name__}, not a dict")
+    except pickle.UnpicklingError:  # torch's own text would advise weights_only=False: never for a cache
+        why = "it holds objects other than tensors and plain data"
     except Exception as err:  # noqa: BLE001 - a damaged cache only costs the epochs it held
+        why = f"damaged or truncated ({type(err).__name__})"
+    else:
+        if not isinstance(state, dict) or "key" not in state:
+            why = f"not a resume state (a {type(state).__name__})"
+    if why is not None:
         if opts.is_main:
-            log.warning("ignoring %s and starting from epoch 1: it cannot be read (%s: %s)", path,
-                        type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+            log.warning("ignoring %s and starting from epoch 1: it cannot be read (%s)", path, why)
+            Path(path).unlink(missing_ok=True)
+        return None
+    if state.get("format") != RESUME_FORMAT:  # written by an earlier version: a state like this one, unmarked
+        if opts.is_main:
+            log.info("ignoring %s: a resume state of an earlier version", path)
             Path(path).unlink(missing_ok=True)
         return None
     if state.get("key") != opts.resume_key:
@@ -196,7 +211,7 @@ def _load_resume(opts: TrainOptions) -> Optional[dict]:
 def _save_resume(opts: TrainOptions, model, opt, sched, aug_gen, history, best, epoch: int) -> None:
     from pipeline.core.utils import atomic_path
 
-    state = {"key": opts.resume_key, "model": _cpu_state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+    state = {"format": RESUME_FORMAT, "key": opts.resume_key, "model": _cpu_state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
              "aug_rng": aug_gen.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
              "best_score": float(best[0]), "best_epoch": int(best[1]), "epoch": epoch}
     if best[2] is not None:

@@ -116,7 +116,7 @@ def _train(cfg: Config, role: str, out: Path, dist, *, mask_stores: dict[str, st
         "image_shape": list(ds.image_shape), "dataset": cfg.dataset, "dataset_fingerprint": ds.fingerprint(),
         "dataset_fingerprints": split_fingerprints(ds, cfg.data.root),
         "role": role, "strategy": strategy_name, "seed": seed, "attack": cfg.attack.model_dump(),
-        "optim": optim.model_dump(), "summary": _without_timings(summary),
+        "optim": _recorded_optim(optim, strategy), "summary": _without_timings(summary),
     }
     if dist.is_main:
         save_checkpoint(out, model, meta)
@@ -126,6 +126,16 @@ def _train(cfg: Config, role: str, out: Path, dist, *, mask_stores: dict[str, st
 
 
 TIMING_KEYS = ("seconds", "train_seconds")
+
+
+def _recorded_optim(optim, strategy) -> dict[str, Any]:
+    """The optimiser settings and the run's own strategy section only: another strategy's parameters do not
+    change this run, and must not change the checkpoint's bytes (which would rerun its evaluation)."""
+    out = {k: v for k, v in optim.model_dump().items() if k in type(optim).model_fields}
+    own = strategy.params.model_dump()
+    if own:
+        out[strategy.name] = own
+    return out
 
 
 def _without_timings(summary: dict[str, Any]) -> dict[str, Any]:
