@@ -46,12 +46,15 @@ def test_params_yaml_is_the_default_composition():
 
 
 def test_every_value_in_a_protocol_file_says_where_it_comes_from():
-    for name in PROTOCOLS:
-        for lineno, line in enumerate((ROOT / "conf/protocol" / f"{name}.yaml").read_text().splitlines(), 1):
+    files = [ROOT / "conf/protocol" / f"{name}.yaml" for name in PROTOCOLS]
+    files += sorted((ROOT / "conf").glob("recipe*/*.yaml"))
+    assert len(files) == len(PROTOCOLS) + 4  # recipe and recipe_cifar: authors, baselines
+    for path in files:
+        for lineno, line in enumerate(path.read_text().splitlines(), 1):
             body = line.split("#")[0]
             if ":" in body and not body.rstrip().endswith(":") and body.split(":")[0].strip() not in (
                     "seed", "split_seed", "chunk_size"):
-                assert "#" in line, f"conf/protocol/{name}.yaml:{lineno}: no source comment: {line!r}"
+                assert "#" in line, f"{path.relative_to(ROOT)}:{lineno}: no source comment: {line!r}"
 
 
 B = parse_budget
