@@ -233,6 +233,10 @@ class Group:
     slug: str = ""
 
 
+PAPER_SEEDS = 5  # the paper repeats every experiment five times (sec. 4.3)
+PAPER_DATASETS = ("cifar10", "cifar100", "cub")
+
+
 def _percent(value: Any) -> Optional[float]:
     try:
         v = 100.0 * float(value)
@@ -293,6 +297,11 @@ def _build_rows(runs: list[dict[str, Any]], columns: list[str]) -> tuple[list[di
     if len(set(counts.values())) > 1:
         notes.append("Seed counts differ between rows: " + ", ".join(f"{k} {v}" for k, v in counts.items())
                      + "; a mean over fewer seeds is less certain.")
+    if {str(r.get("dataset")) for r in runs} & set(PAPER_DATASETS):
+        short = {k: v for k, v in counts.items() if v < PAPER_SEEDS}
+        if short:
+            notes.append(f"The paper averages {PAPER_SEEDS} seeds (sec. 4.3); fewer here: "
+                         + ", ".join(f"{k} {v}" for k, v in short.items()) + ".")
     if any(not e["n"] for r in rows for e in r["cells"].values()):
         notes.append(f"{MISSING}: no result at this budget in these runs' metrics.")
     return rows, notes

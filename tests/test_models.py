@@ -15,7 +15,31 @@ def test_every_model_builds_and_has_a_cam_layer(arch):
 
 
 def test_registry_lists_the_paper_models():
-    assert {"smallcnn", "resnet18", "wrn34_10", "resnet50", "densenet121"} <= set(MODELS.names())
+    assert {"smallcnn", "resnet18", "resnet18_tv", "wrn34_10", "resnet50", "densenet121"} <= set(MODELS.names())
+
+
+def test_the_two_resnet18s_differ_by_their_stem():
+    """resnet18: the baselines' CIFAR variant (3×3 stem); resnet18_tv: torchvision's (7×7 stride 2, max-pool)."""
+    cifar, tv = build_model("resnet18", 10).net, build_model("resnet18_tv", 10).net
+    assert cifar.conv1.kernel_size == (3, 3) and cifar.conv1.stride == (1, 1)
+    assert tv.conv1.kernel_size == (7, 7) and tv.conv1.stride == (2, 2) and hasattr(tv, "maxpool")
+    assert tv.fc.out_features == 10
+
+
+def test_wide_resnet_is_initialised_as_trades():
+    """TRADES models/wideresnet.py: conv weights N(0, 2/(k·k·out)), batch norm (1, 0), classifier bias 0."""
+    from pipeline.models.cifar_nets import WideResNet
+
+    torch.manual_seed(0)
+    net = WideResNet(10, depth=10, widen=4)
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    for conv in convs:
+        k, out = conv.kernel_size[0] * conv.kernel_size[1], conv.out_channels
+        want = (2 / (k * out)) ** 0.5
+        assert float(conv.weight.std()) == pytest.approx(want, rel=0.15)  # default: 1/√(3·fan_in), ~0.4 of it
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(bool((b.weight == 1).all()) and bool((b.bias == 0).all()) for b in bns)
+    assert bool((net.fc.bias == 0).all())
 
 
 def test_pretrained_weights_fail_clearly_offline(tmp_path, monkeypatch):

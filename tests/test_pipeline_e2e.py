@@ -246,6 +246,12 @@ def test_a_protocol_is_selected_with_one_override(tiny_repo):
         assert (params["dataset"], params["strategy"], params["attack"]["eps"]) == ("cluttered_digits", "sip_h",
                                                                                     "8/255")
         assert params["train"]["epochs"] == 1 and params["train"]["fat"]["omega"] == 0.001
+        assert params["train"]["trades"]["beta"] == 1.0  # recipe=authors, the default
+        # a config group of its own: the baselines' repositories' choices where the paper is silent
+        _run(["dvc", "exp", "run", "--queue", "-S", "protocol=cifar10_resnet18", "-S", "recipe=baselines"], root, env)
+        params = yaml.safe_load(_run(["git", "show", "refs/exps/celery/stash:params.yaml"], root, env))
+        assert params["train"]["trades"]["beta"] == 6.0 and params["train"]["weight_decay"] == 0.0002
+        assert params["data"]["augment"] is True
     finally:
         _run(["dvc", "queue", "remove", "--all"], root, env)
 

@@ -121,6 +121,17 @@ def test_two_datasets_at_one_commit_give_two_tables():
     assert md.count("| Strategy |") == 2 and "## cifar10 · resnet18" in md and "## digits · smallcnn" in md
 
 
+def test_paper_datasets_note_fewer_than_five_seeds():
+    """The paper averages five seeds (sec. 4.3): a paper dataset's group says which rows have fewer."""
+    rows = [metrics("madry", s, 0.5, {"8/255": 0.2}, dataset="cifar10", model="resnet18") for s in range(5)]
+    rows += [metrics("trades", s, 0.5, {"8/255": 0.2}, dataset="cifar10", model="resnet18") for s in range(3)]
+    rows += [metrics("madry", s, 0.9, {"8/255": 0.7}) for s in range(3)]  # the embedded digits: 3 are fine
+    groups, _ = compare([src(r, f"exp-{i}") for i, r in enumerate(rows)])
+    cifar, digits = groups
+    assert any("5 seeds" in n and "TRADES 3" in n and "Madry" not in n for n in cifar.notes)
+    assert not any("5 seeds" in n for n in digits.notes)
+
+
 def test_two_evaluation_subsets_and_training_budgets_are_not_averaged():
     rows = [metrics("madry", 0, 0.90, {"4/255": 0.8, "8/255": 0.7}, n=120, points="subset-a"),
             metrics("madry", 1, 0.80, {"4/255": 0.7, "8/255": 0.6}, n=359, points="subset-b"),

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from pipeline.core.config import AttackConfig, ConfigError, StudentConfig
 from pipeline.models import build_model
 from pipeline.strategies import STRATEGIES, Batch, Strategy, make_strategy, strategy_params
-from pipeline.strategies.part import grad_cam, part_budget
+from pipeline.strategies.part import grad_cam, part_zscores, raw_cam, top_fraction_budget, zscore_budget
 from pipeline.strategies.trades import trades_kl
 from pipeline.training.augment import crop_flip
 
@@ -196,13 +196,13 @@ def test_part_warmup_then_low_budget_scaled_to_eps():
     assert torch.allclose(torch.unique(wide.budget(model, b)), torch.tensor([28 / 255, 32 / 255]))
 
 
-def test_part_budget_takes_two_values_and_follows_its_image():
+def test_part_top_fraction_budget_takes_two_values_and_follows_its_image():
     torch.manual_seed(0)
     model = build_model("smallcnn", 4)
     x = _batch(6).x
     cam = grad_cam(model, x)
     assert cam.shape == (6, 1, 16, 16) and float(cam.min()) >= 0 and float(cam.max()) <= 1
-    budget = part_budget(cam, 8 / 255, 7 / 255, 0.5)
+    budget = top_fraction_budget(cam, 8 / 255, 7 / 255, 0.5)
     assert torch.allclose(torch.unique(budget), torch.tensor([7 / 255, 8 / 255]))
     assert int((budget == 8 / 255).flatten(1).sum(1).unique()) == 128  # exactly half of each 16x16 map
     # alignment: the map of a sample does not depend on which batch or position it comes in
@@ -210,6 +210,58 @@ def test_part_budget_takes_two_values_and_follows_its_image():
     cam_perm = grad_cam(model, x[perm])
     assert torch.allclose(cam_perm, cam[perm], atol=1e-5)
     assert torch.allclose(grad_cam(model, x[2:3]), cam[2:3], atol=1e-5)
+
+
+def test_part_zscore_rule_on_a_hand_computed_cam():
+    """PART utils.py: jet(CAM²), standardised per image over its 12 elements, full ε where z > 1, per channel.
+
+    CAM [[1, 0], [0, 0]]: jet(1) = (0.5, 0, 0), jet(0) = (0, 0, 0.5). Red holds 0.5 at the hot pixel, blue 0.5 at
+    the three cold ones, the other 8 elements 0: mean 1/6, std 1/(3·√2), so z = √2 for 0.5 and -√2/2 for 0.
+    """
+    cam = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]]) * 3.0  # any scale: the CAM is first scaled to [0, 1]
+    z = part_zscores(cam, (2, 2))
+    hi, lo = 2 ** 0.5, -(2 ** 0.5) / 2
+    want = torch.tensor([[[hi, lo], [lo, lo]], [[lo, lo], [lo, lo]], [[lo, hi], [hi, hi]]])
+    assert z.shape == (1, 3, 2, 2)
+    assert torch.allclose(z[0], want, atol=1e-5)
+    budget = zscore_budget(z, 8 / 255, 7 / 255)
+    full = torch.tensor([[[1, 0], [0, 0]], [[0, 0], [0, 0]], [[0, 1], [1, 1]]], dtype=torch.bool)
+    assert torch.equal(budget[0] == 8 / 255, full)
+    assert torch.equal(budget[0] == 7 / 255, ~full)
+
+
+def test_part_zscores_match_matplotlib_jet_and_numpy_standardisation():
+    import matplotlib
+    import numpy as np
+
+    g = torch.Generator().manual_seed(0)
+    cam = torch.rand(3, 1, 5, 5, generator=g)
+    z = part_zscores(cam, (5, 5)).numpy()
+    for i in range(3):
+        c = cam[i, 0].numpy().astype(np.float64)
+        c = (c - c.min()) / (c.max() - c.min())
+        rgb = matplotlib.colormaps["jet"](c ** 2)[:, :, :3]  # the reference's float call (256-entry table)
+        want = ((rgb - rgb.mean()) / rgb.std()).transpose(2, 0, 1)
+        assert np.allclose(z[i], want, atol=1e-4)
+
+
+def test_part_default_rule_is_per_channel_and_top_fraction_stays_selectable():
+    torch.manual_seed(0)
+    model = build_model("smallcnn", 4)
+    b = _batch(6)
+    eps = ATTACK.eps
+    z_rule = make_strategy("part", ATTACK, StudentConfig(part={"warmup_fraction": 0}), total_epochs=4)
+    assert z_rule.params.rule == "zscore"
+    budget = z_rule.budget(model, b)
+    assert budget.shape == (6, 3, 16, 16) and bool(budget.max() <= torch.tensor(eps))  # eps as float32
+    assert torch.allclose(torch.unique(budget), torch.tensor([7 / 8 * eps, eps]))
+    z = part_zscores(raw_cam(model, b.x), (16, 16))
+    assert torch.equal(budget == eps, z > 1)
+    assert bool((budget[:, 0] != budget[:, 2]).any())  # channels of one pixel differ
+    top = make_strategy("part", ATTACK, StudentConfig(part={"warmup_fraction": 0, "rule": "top_fraction"}), 4)
+    assert top.budget(model, b).shape == (6, 1, 16, 16)
+    with pytest.raises(ConfigError, match="train.part.rule"):
+        make_strategy("part", ATTACK, StudentConfig(part={"rule": "top_half"}), 4)
 
 
 def test_joint_crop_flip_moves_mask_with_image():

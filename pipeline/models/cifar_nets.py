@@ -1,4 +1,8 @@
-"""CIFAR-style ResNet-18 and WideResNet-34-10 (3×3 stem, no max-pool), as used in the AT literature."""
+"""CIFAR-style ResNet-18 and WideResNet-34-10 (3×3 stem, no max-pool), as in the baselines' repositories.
+
+torchvision's ImageNet ResNet-18 (7×7 stride-2 stem and max-pool), the network the SIP-AT authors' model code
+wraps, is `resnet18_tv` (pipeline/models/torchvision_nets.py).
+"""
 
 from __future__ import annotations
 
@@ -75,6 +79,16 @@ class WideResNet(nn.Module):
         self.block1, self.block2, self.block3 = blocks
         self.bn = nn.BatchNorm2d(widths[3])
         self.fc = nn.Linear(widths[3], num_classes)
+        # initialised as TRADES' definition (yaodongyu/TRADES models/wideresnet.py), which FAT and PART reuse:
+        # convolutions N(0, 2 / (k·k·out_channels)), batch norms (1, 0), the classifier's bias 0
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
 
     def forward(self, x):
         out = self.block3(self.block2(self.block1(self.conv1(x))))

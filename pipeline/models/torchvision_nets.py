@@ -1,4 +1,4 @@
-"""torchvision ResNet-50 and DenseNet-121, optionally from ImageNet weights already in the local torch cache."""
+"""torchvision ResNet-18, ResNet-50 and DenseNet-121, optionally from ImageNet weights in the local torch cache."""
 
 from __future__ import annotations
 
@@ -30,6 +30,16 @@ def cached_weights(weights: tvm.WeightsEnum) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def _resnet18_tv(num_classes: int, pretrained: bool = False) -> nn.Module:
+    # torchvision's ImageNet network unchanged (7×7 stride-2 stem, max-pool): the SIP-AT authors' model code
+    # (Temp_CVPR utils/model_loader.py) wraps torchvision's ImageNet networks only; at 32 px layer4 is 1×1
+    net = tvm.resnet18(weights=None)
+    if pretrained:
+        net.load_state_dict(cached_weights(tvm.ResNet18_Weights.IMAGENET1K_V1))
+    net.fc = nn.Linear(net.fc.in_features, num_classes)
+    return net
+
+
 def _resnet50(num_classes: int, pretrained: bool = False) -> nn.Module:
     net = tvm.resnet50(weights=None)
     if pretrained:
@@ -50,5 +60,6 @@ def _densenet121(num_classes: int, pretrained: bool = False) -> nn.Module:
     return net
 
 
+MODELS.register("resnet18_tv")(ModelSpec(_resnet18_tv, "layer4", "torchvision ResNet-18 (ImageNet stem)"))
 MODELS.register("resnet50")(ModelSpec(_resnet50, "layer4", "torchvision ResNet-50"))
 MODELS.register("densenet121")(ModelSpec(_densenet121, "features", "torchvision DenseNet-121"))

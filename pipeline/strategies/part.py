@@ -5,9 +5,18 @@ on the very batch being attacked, so each map belongs to its own image whatever 
 Budgets follow the protocol's ε: the low budget is a fraction of ε and the warm-up (plain PGD-AT at ε) a
 fraction of the epochs, as in the reference (JiachengZ01/PART, `train_eval_part.py`: ε 8/255, low ε 7/255,
 20 warm-up epochs of 80).
+
+Two rules pick the important elements (`train.part.rule`):
+- `zscore` (default), as PART's `utils.py` (`craft_weight_matrix`, `process_overlay`, `generate_weighted_eps`):
+  the CAM scaled to [0, 1], resized bicubically to the image, squared, mapped through matplotlib's `jet`
+  colour map, standardised per image over its three colour channels together; the full ε goes to each
+  element (pixel and channel) whose z-score is above 1.
+- `top_fraction`: the full ε on the top `important_fraction` of pixels by CAM, the same in every channel.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -17,18 +26,28 @@ from pipeline.core.config import Fraction, Share
 from pipeline.strategies import Batch, StrategyParams
 from pipeline.strategies.madry import Madry
 
+Z_THRESHOLD = 1.0  # PART utils.py generate_weighted_eps: full ε where the standardised map exceeds 1
+
 
 class PartParams(StrategyParams):
     low_eps_fraction: Fraction = 7 / 8  # train_eval_part.py: --low-epsilon 7/255 of --epsilon 8/255
     warmup_fraction: Share = 1 / 4  # train_eval_part.py: --warm-up 20 of --epochs 80
-    important_fraction: float = Field(0.5, gt=0.0, le=1.0)  # share of each CAM that gets the full ε
+    rule: Literal["zscore", "top_fraction"] = "zscore"  # zscore: PART utils.py; top_fraction: see module doc
+    important_fraction: float = Field(0.5, gt=0.0, le=1.0)  # top_fraction only: share of each CAM at full ε
 
     def warmup_epochs(self, epochs: int) -> int:
         return int(round(self.warmup_fraction * epochs))
 
 
-def grad_cam(model, x: torch.Tensor) -> torch.Tensor:
-    """Grad-CAM for the predicted class, upsampled to x's size and scaled to [0, 1] per image: B×1×H×W."""
+def _unit(cam: torch.Tensor) -> torch.Tensor:
+    """Scale each map of B×1×h×w to [0, 1] (a constant map becomes 0)."""
+    flat = cam.flatten(1)
+    lo, hi = flat.min(1, keepdim=True)[0], flat.max(1, keepdim=True)[0]
+    return ((flat - lo) / (hi - lo).clamp_min(1e-12)).view_as(cam)
+
+
+def raw_cam(model, x: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM for the predicted class at the CAM layer's resolution, before any scaling: B×1×h×w, >= 0."""
     model = getattr(model, "module", model)  # the bare network under DistributedDataParallel
     layer = model.cam_module()
     store: dict[str, torch.Tensor] = {}
@@ -45,14 +64,48 @@ def grad_cam(model, x: torch.Tensor) -> torch.Tensor:
         handle.remove()
         model.train(was_training)
     weights = grad.mean(dim=(2, 3), keepdim=True)
-    cam = F.relu((weights * act.detach()).sum(1, keepdim=True))
-    cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)
-    flat = cam.flatten(1)
-    lo, hi = flat.min(1, keepdim=True)[0], flat.max(1, keepdim=True)[0]
-    return ((flat - lo) / (hi - lo).clamp_min(1e-12)).view_as(cam)
+    return F.relu((weights * act.detach()).sum(1, keepdim=True)).float()
 
 
-def part_budget(cam: torch.Tensor, eps: float, eps_low: float, important_fraction: float) -> torch.Tensor:
+def grad_cam(model, x: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM for the predicted class, upsampled to x's size and scaled to [0, 1] per image: B×1×H×W."""
+    cam = F.interpolate(raw_cam(model, x), size=x.shape[-2:], mode="bilinear", align_corners=False)
+    return _unit(cam)
+
+
+def _jet_table(device, dtype) -> torch.Tensor:
+    import matplotlib
+
+    # integer inputs index the colour map's 256-entry table directly: 256×3 RGB
+    return torch.as_tensor(matplotlib.colormaps["jet"](range(256))[:, :3], dtype=dtype, device=device)
+
+
+def part_zscores(cam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """PART's importance map B×3×H×W from a CAM B×1×h×w (any scale): z-scores of jet((CAM resized)²).
+
+    As PART's utils.py: the CAM scaled to [0, 1] (torchcam's normalisation), resized to `size` bicubically
+    (torch's kernel, a = -0.75; the reference resizes with PIL, a = -0.5), squared, coloured with matplotlib's
+    256-entry jet (floor(v·256), clipped to the table's ends, as matplotlib does), standardised per image over
+    all its elements (population std).
+    """
+    cam = _unit(cam.float())
+    if tuple(cam.shape[-2:]) != tuple(size):
+        cam = F.interpolate(cam, size=size, mode="bicubic", align_corners=False)
+    v = cam.squeeze(1) ** 2
+    idx = (v * 256).floor().clamp(0, 255).long()
+    rgb = _jet_table(cam.device, cam.dtype)[idx].permute(0, 3, 1, 2)  # B×3×H×W
+    flat = rgb.flatten(1)
+    mean = flat.mean(1, keepdim=True)
+    std = flat.std(1, keepdim=True, unbiased=False)
+    return ((flat - mean) / std.clamp_min(1e-12)).view_as(rgb)
+
+
+def zscore_budget(z: torch.Tensor, eps: float, eps_low: float) -> torch.Tensor:
+    """Per-element budget, z's shape: `eps` where the z-score exceeds 1, `eps_low` elsewhere."""
+    return torch.where(z > Z_THRESHOLD, torch.full_like(z, eps), torch.full_like(z, eps_low))
+
+
+def top_fraction_budget(cam: torch.Tensor, eps: float, eps_low: float, important_fraction: float) -> torch.Tensor:
     """Per-pixel budget B×1×H×W: `eps` on the top `important_fraction` of each CAM, `eps_low` elsewhere."""
     flat = cam.flatten(1)
     k = max(1, int(round(important_fraction * flat.shape[1])))
@@ -77,7 +130,13 @@ class PART(Madry, name="part"):
         if self.in_warmup():
             return self.attack.eps  # warm-up: plain PGD-AT
         p = self.params
-        return part_budget(grad_cam(model, batch.x), self.attack.eps, self.eps_low, p.important_fraction)
+        if p.rule == "top_fraction":
+            return top_fraction_budget(grad_cam(model, batch.x), self.attack.eps, self.eps_low, p.important_fraction)
+        if batch.x.shape[1] != 3:
+            raise ValueError(f"train.part.rule: zscore colours the CAM in 3 channels; the images have "
+                             f"{batch.x.shape[1]} (use rule: top_fraction)")
+        z = part_zscores(raw_cam(model, batch.x), tuple(batch.x.shape[-2:]))
+        return zscore_budget(z, self.attack.eps, self.eps_low).to(batch.x.dtype)
 
     def stats(self):
         return {"eps_low": self.attack.eps if self.in_warmup() else self.eps_low}

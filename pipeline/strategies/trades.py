@@ -8,7 +8,9 @@ from pipeline.strategies import Batch, Strategy, StrategyParams
 
 
 class TradesParams(StrategyParams):
-    beta: float = Field(6.0, ge=0.0)  # yaodongyu/TRADES train_trades_cifar10.py: --beta 6.0
+    # SIP-AT's authors (Temp_CVPR train_model.py) call trades_loss without β: its default 1.0 (yaodongyu/TRADES
+    # trades.py); TRADES' own CIFAR script uses --beta 6.0 (train_trades_cifar10.py; recipe=baselines)
+    beta: float = Field(1.0, ge=0.0)
 
 
 def trades_kl(logits_adv, logits_clean):
