@@ -36,7 +36,7 @@ def test_wide_resnet_is_initialised_as_trades():
     for conv in convs:
         k, out = conv.kernel_size[0] * conv.kernel_size[1], conv.out_channels
         want = (2 / (k * out)) ** 0.5
-        assert float(conv.weight.std()) == pytest.approx(want, rel=0.15)  # default: 1/√(3·fan_in), ~0.4 of it
+        assert float(conv.weight.detach().std()) == pytest.approx(want, rel=0.15)  # default: 1/√(3·fan_in), ~0.4 of it
     bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert all(bool((b.weight == 1).all()) and bool((b.bias == 0).all()) for b in bns)
     assert bool((net.fc.bias == 0).all())
