@@ -48,7 +48,7 @@ def main() -> None:
                 what = (f"teacher: madry, {cfg.teacher.model}" if args.role == "teacher"
                         else f"student: {cfg.strategy}, {cfg.model}")
                 plot_history(summary["history"], args.plot, title=f"{what} on {cfg.dataset}",
-                             selected_epoch=summary.get("selected_epoch"))
+                             selected_epoch=summary.get("selected_epoch"), select=summary.get("select"))
 
 
 if __name__ == "__main__":

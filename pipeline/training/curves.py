@@ -12,9 +12,9 @@ from pipeline.core.utils import atomic_path
 
 
 def plot_history(history: list[dict[str, Any]], out: str | Path, *, title: str,
-                 selected_epoch: Optional[int] = None) -> None:
+                 selected_epoch: Optional[int] = None, select: Optional[str] = None) -> None:
     """Validation clean and PGD accuracy (left) and training loss (right) per epoch; a dashed line marks the
-    epoch whose weights were kept. Written atomically; an existing file at `out` is replaced only if it is a PNG."""
+    epoch whose weights were kept (chosen by `select`: last, clean, robust). Written atomically; an existing file at `out` is replaced only if it is a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -37,7 +37,8 @@ def plot_history(history: list[dict[str, Any]], out: str | Path, *, title: str,
         if selected_epoch is not None:
             ax.axvline(selected_epoch, color="black", linestyle="--", linewidth=0.8)
     if selected_epoch is not None:
-        acc.plot([], [], color="black", linestyle="--", linewidth=0.8, label=f"kept: epoch {selected_epoch}")
+        why = {"clean": ", best clean", "robust": ", best PGD"}.get(select or "", "")
+        acc.plot([], [], color="black", linestyle="--", linewidth=0.8, label=f"kept: epoch {selected_epoch}{why}")
     acc.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
     with atomic_path(out, kind="png") as tmp:
