@@ -14,7 +14,8 @@ from pipeline.core.utils import atomic_path
 def plot_history(history: list[dict[str, Any]], out: str | Path, *, title: str,
                  selected_epoch: Optional[int] = None, select: Optional[str] = None) -> None:
     """Validation clean and PGD accuracy (left) and training loss (right) per epoch; a dashed line marks the
-    epoch whose weights were kept (chosen by `select`: last, clean, robust). Written atomically; an existing file at `out` is replaced only if it is a PNG."""
+    epoch whose weights were kept (chosen by `select`: last, clean, robust). Written atomically; an existing
+    file at `out` is replaced only if it is a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
