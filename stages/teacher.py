@@ -1,6 +1,7 @@
 """Stage `teacher`: Madry PGD-AT of the robust teacher, the source of the synthetic masks.
 
-    python -m stages.teacher --out data/teacher/model.pt --history data/teacher/history.json
+    python -m stages.teacher --out data/teacher/model.pt --history data/teacher/history.json \
+        --plot data/teacher/history.png
 
 It imports the `madry` strategy only (not stages/train.py, which imports every strategy), so that an edit of
 another strategy does not retrain the teacher. Runs under `torchrun` too (only rank 0 writes).
@@ -13,6 +14,7 @@ from pipeline.core.errors import expected_errors
 from pipeline.core.utils import check_output, setup_logging, write_json
 from pipeline.distributed import is_main
 from pipeline.strategies import madry  # noqa: F401  (the teacher's strategy)
+from pipeline.training.curves import plot_history
 from pipeline.training.run import train_run
 
 
@@ -20,15 +22,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="checkpoint to write")
     parser.add_argument("--history", required=True, help="per-epoch validation curves (JSON) to write")
+    parser.add_argument("--plot", help="the same curves as a PNG to write (optional)")
     args = parser.parse_args()
     setup_logging()
     with expected_errors():
         check_output(args.out, kind="torch")  # before hours of training, not after
         check_output(args.history, kind="json")
+        if args.plot:
+            check_output(args.plot, kind="png")
         cfg = load_config()
         summary = train_run(cfg, "teacher", args.out)
     if is_main():  # under torchrun only rank 0 writes
         write_json(args.history, {"history": summary["history"]})
+        if args.plot:
+            plot_history(summary["history"], args.plot, title=f"teacher: madry, {cfg.teacher.model} on {cfg.dataset}",
+                         selected_epoch=summary.get("selected_epoch"), select=summary.get("select"))
 
 
 if __name__ == "__main__":

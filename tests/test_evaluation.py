@@ -108,3 +108,25 @@ def test_select_examples_is_seeded():
     a = ev.select_examples(D(), 10, seed=0)
     assert np.array_equal(a, ev.select_examples(D(), 10, seed=0)) and len(set(a)) == 10
     assert len(ev.select_examples(D(), None, seed=0)) == 100
+
+
+def test_attack_model_is_a_frozen_fused_copy_with_the_same_outputs_and_input_gradients():
+    from pipeline.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("smallcnn", 10)
+    model.train()(torch.rand(32, 3, 16, 16))  # batch-norm statistics that are not the identity
+    model.eval()
+    prepared = ev.attack_model(model, torch.device("cpu"))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in prepared.modules())  # folded into the convolutions
+    assert not any(p.requires_grad for p in prepared.parameters())
+    assert all(p.requires_grad for p in model.parameters())  # the caller's model is left as it was
+    x = torch.rand(8, 3, 16, 16, requires_grad=True)
+    out = model(x)
+    (grad,) = torch.autograd.grad(out[:, 3].sum(), [x])
+    x2 = x.detach().clone().requires_grad_()
+    out2 = prepared(x2)
+    out2[:, 3].sum().backward()  # as FAB does: no parameter receives a gradient
+    torch.testing.assert_close(out2, out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(x2.grad, grad, rtol=1e-4, atol=1e-5)
+    assert all(p.grad is None for p in list(model.parameters()) + list(prepared.parameters()))

@@ -74,6 +74,12 @@ def test_dvc_repro_end_to_end(tiny_repo):
     assert (root / "data/masks/synthetic.zarr").is_dir() and (root / "data/masks/human.zarr").is_dir()
     # nothing half-written is left beside the outputs
     assert not [p for p in root.joinpath("data").rglob("*.tmp")]
+    # the training curves as pictures that open offline, kept in git (not DVC's cache) like the history JSON
+    for which in ("teacher", "student"):
+        png = root / "data" / which / "history.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+        ignored = subprocess.run(["git", "check-ignore", "-q", str(png)], cwd=root, env=env)
+        assert ignored.returncode == 1, f"{png} is git-ignored"
 
     again = _run(["dvc", "repro"], root, env)
     assert [line for line in again.splitlines() if line.startswith("Running stage")] == ["Running stage 'prepare':"]
@@ -212,12 +218,13 @@ def test_forced_reruns_write_identical_outputs(tiny_repo):
 
     def outs() -> dict[str, str]:
         lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
-        # history.json is an uncached plot that records epoch timings; nothing depends on it
+        # history.json is an uncached plot that records epoch timings; nothing depends on it (its picture,
+        # history.png, draws no timings and must come out identical)
         return {f"{stage}:{o['path']}": o["md5"] for stage in ("teacher", "masks_synthetic", "masks_human", "train")
                 for o in lock[stage]["outs"] if not o["path"].endswith("history.json")}
 
     before = outs()
-    assert len(before) == 4
+    assert len(before) == 6
     for stage in ("teacher", "masks_synthetic", "masks_human", "train"):
         _run(["dvc", "repro", "-f", "-s", stage], root, env)
     assert outs() == before

@@ -198,3 +198,21 @@ def test_ddp_training_with_two_gloo_processes(digits_root, tmp_path):
     model, meta = load_checkpoint(out)
     assert meta["summary"]["processes"] == 2 and meta["strategy"] == "sip_h"
     assert not list(tmp_path.glob(".ddp*"))  # no leftovers beside the checkpoint
+
+
+def test_training_curves_are_written_as_a_png_and_nothing_else_is_replaced(tmp_path):
+    from pipeline.core.errors import OutputConflict
+    from pipeline.training.curves import plot_history
+
+    history = [{"epoch": e, "lr": 0.05, "train_loss": 2.0 / e, "val_clean_acc": 0.5 + 0.1 * e,
+                "val_pgd_acc": 0.2 + 0.05 * e, "seconds": 1.0} for e in (1, 2, 3)]
+    out = tmp_path / "curves" / "history.png"
+    plot_history(history, out, title="teacher: madry, smallcnn on digits", selected_epoch=2, select="robust")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    plot_history(history[:2], out, title="again")  # its own earlier picture is replaced
+    assert sorted(p.name for p in out.parent.iterdir()) == ["history.png"]  # no temporary left
+    foreign = tmp_path / "notes.png"
+    foreign.write_text("not a picture")
+    with pytest.raises(OutputConflict, match="notes.png"):
+        plot_history(history, foreign, title="x")
+    assert foreign.read_text() == "not a picture"
