@@ -208,13 +208,13 @@ def _s(overrides: list[str]) -> list[str]:
 
 def shared_commands(grid: Grid) -> list[list[str]]:
     """What the shared job runs, in order (in its clone)."""
-    return [["git", "clone", "-q", grid.repo, "<workdir>/shared/repo"], ["git", "checkout", "-q", grid.rev],
+    return [["git", "clone", "-q", grid.repo, f"{grid.workdir}/shared/repo"], ["git", "checkout", "-q", grid.rev],
             ["dvc", "exp", "run", *_s(grid.base_overrides), *SHARED_TARGETS]]
 
 
 def cell_commands(grid: Grid, cell: Cell) -> list[list[str]]:
     """What one student job runs, in order (in its clone)."""
-    return [["git", "clone", "-q", grid.repo, f"<workdir>/cells/{cell.name}/repo"],
+    return [["git", "clone", "-q", grid.repo, f"{grid.workdir}/cells/{cell.name}/repo"],
             ["git", "checkout", "-q", grid.rev],
             ["dvc", "checkout"],  # after taking dvc.lock and uncached outputs from shared/repo
             ["dvc", "exp", "run", "-n", cell.name, *_s(grid.cell_overrides(cell)), *CELL_TARGETS],
@@ -424,17 +424,21 @@ def _push(repo: Path, name: str, env: dict[str, str]) -> None:
 def _executor(grid: Grid, res: Resources, job_name: str, dependency: Optional[str]):
     import submitit
 
-    executor = submitit.AutoExecutor(folder=Path(grid.workdir) / "logs", cluster="slurm")
-    extra: dict[str, Any] = {}
+    # a job that reaches its time limit is requeued (and resumes) up to 20 times
+    executor = submitit.AutoExecutor(folder=Path(grid.workdir) / "logs", cluster="slurm", slurm_max_num_timeout=20)
+    params: dict[str, Any] = {}
     if res.account:
-        extra["account"] = res.account
+        params["slurm_account"] = res.account
+    if res.partition:
+        params["slurm_partition"] = res.partition
+    if res.gpus:
+        params["gpus_per_node"] = res.gpus
     if dependency:
-        extra["dependency"] = dependency
-        extra["kill-on-invalid-dep"] = "yes"  # a failed shared job cancels the array instead of leaving it pending
+        params["slurm_dependency"] = dependency
+        # a failed shared job cancels the array instead of leaving it pending forever
+        params["slurm_additional_parameters"] = {"kill-on-invalid-dep": "yes"}
     executor.update_parameters(name=job_name, timeout_min=res.time_min, cpus_per_task=res.cpus, mem_gb=res.mem_gb,
-                               gpus_per_node=res.gpus or None, slurm_partition=res.partition,
-                               slurm_stderr_to_stdout=True, slurm_max_num_timeout=20,
-                               slurm_additional_parameters=extra)
+                               slurm_stderr_to_stdout=True, **params)
     return executor
 
 
