@@ -216,7 +216,8 @@ def cell_commands(grid: Grid, cell: Cell) -> list[list[str]]:
     """What one student job runs, in order (in its clone)."""
     return [["git", "clone", "-q", grid.repo, f"{grid.workdir}/cells/{cell.name}/repo"],
             ["git", "checkout", "-q", grid.rev],
-            ["dvc", "checkout"],  # after taking dvc.lock and uncached outputs from shared/repo
+            # after taking dvc.lock and the uncached outputs of the shared stages from shared/repo
+            ["dvc", "checkout", "--with-deps", *SHARED_TARGETS],
             ["dvc", "exp", "run", "-n", cell.name, *_s(grid.cell_overrides(cell)), *CELL_TARGETS],
             ["dvc", "exp", "push", "--no-cache", "origin", cell.name]]
 
@@ -295,9 +296,12 @@ def _clone(grid: Grid, repo: Path, env: dict[str, str]) -> None:
         _run_logged(["git", "clone", "-q", "--no-checkout", grid.repo, str(tmp)], repo.parent, env)
         _run_logged(["git", "checkout", "-q", grid.rev], tmp, env)
         os.replace(tmp, repo)
-    dvc = _tool("dvc")
-    _run_logged([dvc, "cache", "dir", "--local", grid.cache], repo, env)
-    _run_logged([dvc, "config", "--local", "cache.shared", "group"], repo, env)
+    from dvc.config import Config
+
+    # what `dvc cache dir --local` and `dvc config --local cache.shared group` write, without two dvc starts
+    with Config(str(repo / ".dvc")).edit("local") as conf:
+        conf["cache"]["dir"] = grid.cache
+        conf["cache"]["shared"] = "group"
 
 
 def _uncached_outputs(repo: Path, stages: set[str]) -> list[str]:
@@ -381,7 +385,7 @@ class CellJob:
                     if (shared / rel).is_file():
                         (repo / rel).parent.mkdir(parents=True, exist_ok=True)
                         shutil.copy2(shared / rel, repo / rel)
-                _run_logged([_tool("dvc"), "checkout", "-q"], repo, env)
+                _run_logged([_tool("dvc"), "checkout", "--with-deps", *SHARED_TARGETS], repo, env)
                 prepared = True
                 _write_state(folder, "running", prepared=True)
             if not _has_experiment(repo, cell.name):
