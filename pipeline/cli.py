@@ -430,6 +430,8 @@ def grid_run(
     = None,
     workdir: Annotated[Optional[Path], typer.Option("--workdir", help="work folder on the shared file system "
                        "(default .grid/NAME)")] = None,
+    shared_from: Annotated[Optional[str], typer.Option("--shared-from", help="slurm: use the teacher and masks "
+                           "of this earlier grid (same baseline, protocol and -S) instead of building them")] = None,
     jobs: Annotated[int, typer.Option("--jobs", "-j", help="local: experiments at once")] = 1,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print every job, its resources and commands; "
                        "submit nothing")] = False,
@@ -443,7 +445,7 @@ def grid_run(
         except ValueError:
             raise typer.BadParameter(f"expected integers, got {seeds!r}", param_hint="--seeds") from None
         grid = g.plan(Path.cwd(), protocol, _csv(strategies), seed_list, overrides or [], executor=executor.value,
-                      name=name, workdir=workdir, resources=resources or [])
+                      name=name, workdir=workdir, resources=resources or [], shared_from=shared_from)
         for line in g.describe(grid):
             console.print(escape(line), soft_wrap=True, highlight=False)
         if dry_run:
@@ -512,7 +514,7 @@ def grid_resume(
     with _errors():
         grid = g.find_grid(Path.cwd(), name, workdir)
         cells = g.to_resume(grid)
-        shared = g.read_state(Path(grid.workdir) / "shared").get("state") != "done"
+        shared = grid.shared_from is None and g.read_state(grid.shared_dir).get("state") != "done"
         if not cells and not shared:
             console.print(f"grid {escape(grid.name)}: nothing to resume")
             return

@@ -132,6 +132,11 @@ class Grid:
     shared_job_id: Optional[str] = None
     shared_log: Optional[str] = None
     submitted: str = ""
+    shared_from: Optional[str] = None  # the work folder of an earlier grid whose shared stages this one uses
+
+    @property
+    def shared_dir(self) -> Path:
+        return Path(self.shared_from or self.workdir) / "shared"
 
     @property
     def base_overrides(self) -> list[str]:
@@ -177,8 +182,10 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 def plan(repo: Path, protocol: str, strategies: list[str], seeds: list[int], overrides: list[str], *,
-         executor: str, name: Optional[str], workdir: Optional[Path], resources: list[str]) -> Grid:
-    """The grid to submit: one cell per (strategy, seed), nothing written yet."""
+         executor: str, name: Optional[str], workdir: Optional[Path], resources: list[str],
+         shared_from: Optional[str] = None) -> Grid:
+    """The grid to submit: one cell per (strategy, seed), nothing written yet. ``shared_from``: the name or work
+    folder of an earlier grid of the same baseline, protocol and overrides whose teacher and masks to use."""
     repo = repo.resolve()
     if not (repo / "dvc.yaml").is_file() or not (repo / ".dvc").is_dir():
         raise FileNotFoundError(f"{repo} is not a DVC project (dvc.yaml, .dvc/): run this in the project's root")
@@ -197,9 +204,20 @@ def plan(repo: Path, protocol: str, strategies: list[str], seeds: list[int], ove
     workdir = (workdir or repo / ".grid" / name).resolve()
     res = load_resources(repo, protocol, resources)
     cells = [Cell(f"{name}-{s}-s{seed}", s, seed) for s in strategies for seed in seeds]
-    return Grid(name=name, repo=str(repo), rev=rev, cache=str(_dvc_cache_dir(repo)), workdir=str(workdir),
+    grid = Grid(name=name, repo=str(repo), rev=rev, cache=str(_dvc_cache_dir(repo)), workdir=str(workdir),
                 executor=executor, protocol=protocol, overrides=list(overrides), resources=res.model_dump(),
                 cells=cells)
+    if shared_from is not None:
+        if executor != "slurm":
+            raise ValueError("--shared-from needs --executor slurm")
+        other = find_grid(repo, None if "/" in shared_from else shared_from,
+                          Path(shared_from) if "/" in shared_from else None)
+        if (other.rev, other.base_overrides) != (grid.rev, grid.base_overrides):
+            raise ValueError(f"grid {other.name} was built from {other.rev[:10]} with "
+                             f"{' '.join(other.base_overrides)}, not {grid.rev[:10]} with "
+                             f"{' '.join(grid.base_overrides)}: its teacher and masks do not fit this grid")
+        grid.shared_from, grid.shared_job_id, grid.shared_log = other.workdir, other.shared_job_id, other.shared_log
+    return grid
 
 
 def _s(overrides: list[str]) -> list[str]:
@@ -208,7 +226,7 @@ def _s(overrides: list[str]) -> list[str]:
 
 def shared_commands(grid: Grid) -> list[list[str]]:
     """What the shared job runs, in order (in its clone)."""
-    return [["git", "clone", "-q", grid.repo, f"{grid.workdir}/shared/repo"], ["git", "checkout", "-q", grid.rev],
+    return [["git", "clone", "-q", grid.repo, f"{grid.shared_dir}/repo"], ["git", "checkout", "-q", grid.rev],
             ["dvc", "exp", "run", *_s(grid.base_overrides), *SHARED_TARGETS]]
 
 
@@ -216,7 +234,7 @@ def cell_commands(grid: Grid, cell: Cell) -> list[list[str]]:
     """What one student job runs, in order (in its clone)."""
     return [["git", "clone", "-q", grid.repo, f"{grid.workdir}/cells/{cell.name}/repo"],
             ["git", "checkout", "-q", grid.rev],
-            # after taking dvc.lock and the uncached outputs of the shared stages from shared/repo
+            # after taking dvc.lock and the uncached outputs of the shared stages from the shared job's clone
             ["dvc", "checkout", "--with-deps", *SHARED_TARGETS],
             ["dvc", "exp", "run", "-n", cell.name, *_s(grid.cell_overrides(cell)), *CELL_TARGETS],
             ["dvc", "exp", "push", "--no-cache", "origin", cell.name]]
@@ -234,10 +252,13 @@ def describe(grid: Grid, cells: Optional[list[Cell]] = None, shared: bool = True
             lines.append(f"queue {c.name}: dvc exp run --queue -n {c.name} {q(_s(grid.cell_overrides(c)))}")
         lines.append("then: dvc queue start")
         return lines
+    if grid.shared_from is not None:
+        shared = False
+        lines.append(f"shared stages: those of the grid in {grid.shared_from}")
     if shared:
         lines.append(f"job 1 (shared stages, once) [{res.shared.describe()}]")
         lines += [f"    {q(c)}" for c in shared_commands(grid)]
-    dep = "after the shared job succeeds (afterok)" if shared else "shared stages already built"
+    dep = "after the shared job succeeds (afterok)" if shared or grid.shared_from else "shared stages already built"
     lines.append(f"job array of {len(cells)} ({dep}) [{res.student.describe()}]")
     for i, c in enumerate(cells):
         lines.append(f"  [{i}] {c.name}")
@@ -343,7 +364,7 @@ class SharedJob:
         self.grid = grid
 
     def __call__(self) -> str:
-        grid, folder = self.grid, Path(self.grid.workdir) / "shared"
+        grid, folder = self.grid, self.grid.shared_dir
         folder.mkdir(parents=True, exist_ok=True)
         env = _env(grid, JobResources(**grid.resources).shared)
         _write_state(folder, "running")
@@ -379,7 +400,7 @@ class CellJob:
         try:
             _clone(grid, repo, env)
             if not prepared:  # the shared stages as the shared job left them: lock file, uncached outputs, then the cache
-                shared = Path(grid.workdir) / "shared" / "repo"
+                shared = grid.shared_dir / "repo"
                 shutil.copy2(shared / "dvc.lock", repo / "dvc.lock")
                 for rel in _uncached_outputs(shared, _upstream(shared, SHARED_TARGETS)):
                     if (shared / rel).is_file():
@@ -459,7 +480,10 @@ def submit(grid: Grid, cells: Optional[list[Cell]] = None) -> Grid:
     if max(res.shared.gpus, res.student.gpus) > 1:
         _write_torchrun_shim(grid)
     dependency = None
-    if read_state(Path(grid.workdir) / "shared").get("state") != "done":
+    if grid.shared_from is not None:
+        if read_state(grid.shared_dir).get("state") != "done" and grid.shared_job_id:
+            dependency = f"afterok:{grid.shared_job_id}"
+    elif read_state(grid.shared_dir).get("state") != "done":
         job = _executor(grid, res.shared, f"{grid.name}-shared", None).submit(SharedJob(grid))
         grid.shared_job_id, grid.shared_log = str(job.job_id), str(job.paths.stdout)
         dependency = f"afterok:{job.job_id}"
@@ -563,8 +587,8 @@ def status(grid: Grid) -> tuple[list[CellStatus], str]:
         return _status_local(grid), "dvc queue status"
     jobs, source = slurm_jobs()
     out = []
-    if grid.shared_job_id is not None or read_state(work / "shared"):
-        state, detail = _one(grid.shared_job_id, grid.shared_log, work / "shared", jobs)
+    if grid.shared_job_id is not None or read_state(grid.shared_dir):
+        state, detail = _one(grid.shared_job_id, grid.shared_log, grid.shared_dir, jobs)
         out.append(CellStatus("(shared stages)", state, grid.shared_job_id, detail, grid.shared_log))
     for c in grid.cells:
         state, detail = _one(c.job_id, c.log, work / "cells" / c.name, jobs)
