@@ -133,6 +133,7 @@ class Grid:
     shared_log: Optional[str] = None
     submitted: str = ""
     shared_from: Optional[str] = None  # the work folder of an earlier grid whose shared stages this one uses
+    run_cache: bool = True    # False: students are computed even where DVC's run cache holds an identical run
 
     @property
     def shared_dir(self) -> Path:
@@ -183,7 +184,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 def plan(repo: Path, protocol: str, strategies: list[str], seeds: list[int], overrides: list[str], *,
          executor: str, name: Optional[str], workdir: Optional[Path], resources: list[str],
-         shared_from: Optional[str] = None) -> Grid:
+         shared_from: Optional[str] = None, run_cache: bool = True) -> Grid:
     """The grid to submit: one cell per (strategy, seed), nothing written yet. ``shared_from``: the name or work
     folder of an earlier grid of the same baseline, protocol and overrides whose teacher and masks to use."""
     repo = repo.resolve()
@@ -206,7 +207,9 @@ def plan(repo: Path, protocol: str, strategies: list[str], seeds: list[int], ove
     cells = [Cell(f"{name}-{s}-s{seed}", s, seed) for s in strategies for seed in seeds]
     grid = Grid(name=name, repo=str(repo), rev=rev, cache=str(_dvc_cache_dir(repo)), workdir=str(workdir),
                 executor=executor, protocol=protocol, overrides=list(overrides), resources=res.model_dump(),
-                cells=cells)
+                cells=cells, run_cache=run_cache)
+    if not run_cache and executor != "slurm":
+        raise ValueError("--no-run-cache needs --executor slurm")
     if shared_from is not None:
         if executor != "slurm":
             raise ValueError("--shared-from needs --executor slurm")
@@ -236,8 +239,13 @@ def cell_commands(grid: Grid, cell: Cell) -> list[list[str]]:
             ["git", "checkout", "-q", grid.rev],
             # after taking dvc.lock and the uncached outputs of the shared stages from the shared job's clone
             ["dvc", "checkout", "--with-deps", *SHARED_TARGETS],
-            ["dvc", "exp", "run", "-n", cell.name, *_s(grid.cell_overrides(cell)), *CELL_TARGETS],
+            _exp_run(grid, cell),
             ["dvc", "exp", "push", "--no-cache", "origin", cell.name]]
+
+
+def _exp_run(grid: Grid, cell: Cell) -> list[str]:
+    return ["dvc", "exp", "run", "-n", cell.name, *([] if grid.run_cache else ["--no-run-cache"]),
+            *_s(grid.cell_overrides(cell)), *CELL_TARGETS]
 
 
 def describe(grid: Grid, cells: Optional[list[Cell]] = None, shared: bool = True) -> list[str]:
@@ -410,8 +418,7 @@ class CellJob:
                 prepared = True
                 _write_state(folder, "running", prepared=True)
             if not _has_experiment(repo, cell.name):
-                _run_logged([_tool("dvc"), "exp", "run", "-n", cell.name, *_s(grid.cell_overrides(cell)),
-                             *CELL_TARGETS], repo, env)
+                _run_logged([_tool("dvc"), *_exp_run(grid, cell)[1:]], repo, env)
             _push(repo, cell.name, env)
         except BaseException as err:
             _write_state(folder, "failed", prepared=prepared, error=str(err))

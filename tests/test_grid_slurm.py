@@ -129,7 +129,9 @@ def test_grid_on_slurm_lands_as_experiments_and_survives_a_requeue(repo):
     root, env = repo
     start = time.time()
     common = ["-e", "slurm", "-R", "cpus=1", "-R", "mem_gb=2", "-R", "time_min=20"]
-    _sipat(root, env, "grid", "run", "--name", "g", "--strategies", "basic,madry", "--seeds", "0,1", *common)
+    # --no-run-cache: the requeued student must resume its own training, not restore its twin's from the run cache
+    _sipat(root, env, "grid", "run", "--name", "g", "--strategies", "basic,madry", "--seeds", "0,1",
+           "--no-run-cache", *common)
     # the same madry seed-0 cell without requeue, and a cell with a bad parameter, in a grid of their own that
     # uses the first grid's teacher and masks
     _sipat(root, env, "grid", "run", "--name", "ref", "--strategies", "madry,no_such_strategy", "--seeds", "0",
@@ -142,9 +144,15 @@ def test_grid_on_slurm_lands_as_experiments_and_survives_a_requeue(repo):
     def requeue_once():  # during the second of two epochs: the per-epoch state of the first is on disk
         if not requeued and resume_file.exists():
             _run(["scontrol", "requeue", target["job_id"]], root, env)
-            # SLURM holds a requeued job back for a while (BeginTime); let it start again at once
-            _run(["scontrol", "update", f"JobId={target['job_id']}", "StartTime=now"], root, env)
             requeued.append(time.time())
+            # SLURM holds a requeued job back for two minutes (BeginTime); once it is pending again, let it start
+            for _ in range(120):
+                state = subprocess.run(["squeue", "-h", "-j", target["job_id"], "-o", "%T"], capture_output=True,
+                                       text=True).stdout.strip()
+                if state == "PENDING":
+                    _run(["scontrol", "update", f"JobId={target['job_id']}", "StartTime=now"], root, env)
+                    break
+                time.sleep(0.5)
 
     _wait(root, ["g", "ref"], time.time() + 2200, requeue_once)
     print(f"grid wall time {time.time() - start:.0f} s")
