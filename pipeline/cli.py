@@ -432,8 +432,6 @@ def grid_run(
                        "(default .grid/NAME)")] = None,
     shared_from: Annotated[Optional[str], typer.Option("--shared-from", help="slurm: use the teacher and masks "
                            "of this earlier grid (same baseline, protocol and -S) instead of building them")] = None,
-    run_cache: Annotated[bool, typer.Option("--run-cache/--no-run-cache", help="let DVC restore a student it has "
-                         "already computed with identical code, data and parameters")] = True,
     jobs: Annotated[int, typer.Option("--jobs", "-j", help="local: experiments at once")] = 1,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print every job, its resources and commands; "
                        "submit nothing")] = False,
@@ -447,8 +445,7 @@ def grid_run(
         except ValueError:
             raise typer.BadParameter(f"expected integers, got {seeds!r}", param_hint="--seeds") from None
         grid = g.plan(Path.cwd(), protocol, _csv(strategies), seed_list, overrides or [], executor=executor.value,
-                      name=name, workdir=workdir, resources=resources or [], shared_from=shared_from,
-                      run_cache=run_cache)
+                      name=name, workdir=workdir, resources=resources or [], shared_from=shared_from)
         for line in g.describe(grid):
             console.print(escape(line), soft_wrap=True, highlight=False)
         if dry_run:

@@ -133,7 +133,6 @@ class Grid:
     shared_log: Optional[str] = None
     submitted: str = ""
     shared_from: Optional[str] = None  # the work folder of an earlier grid whose shared stages this one uses
-    run_cache: bool = True    # False: students are computed even where DVC's run cache holds an identical run
 
     @property
     def shared_dir(self) -> Path:
@@ -184,7 +183,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 def plan(repo: Path, protocol: str, strategies: list[str], seeds: list[int], overrides: list[str], *,
          executor: str, name: Optional[str], workdir: Optional[Path], resources: list[str],
-         shared_from: Optional[str] = None, run_cache: bool = True) -> Grid:
+         shared_from: Optional[str] = None) -> Grid:
     """The grid to submit: one cell per (strategy, seed), nothing written yet. ``shared_from``: the name or work
     folder of an earlier grid of the same baseline, protocol and overrides whose teacher and masks to use."""
     repo = repo.resolve()
@@ -207,9 +206,7 @@ def plan(repo: Path, protocol: str, strategies: list[str], seeds: list[int], ove
     cells = [Cell(f"{name}-{s}-s{seed}", s, seed) for s in strategies for seed in seeds]
     grid = Grid(name=name, repo=str(repo), rev=rev, cache=str(_dvc_cache_dir(repo)), workdir=str(workdir),
                 executor=executor, protocol=protocol, overrides=list(overrides), resources=res.model_dump(),
-                cells=cells, run_cache=run_cache)
-    if not run_cache and executor != "slurm":
-        raise ValueError("--no-run-cache needs --executor slurm")
+                cells=cells)
     if shared_from is not None:
         if executor != "slurm":
             raise ValueError("--shared-from needs --executor slurm")
@@ -244,8 +241,7 @@ def cell_commands(grid: Grid, cell: Cell) -> list[list[str]]:
 
 
 def _exp_run(grid: Grid, cell: Cell) -> list[str]:
-    return ["dvc", "exp", "run", "-n", cell.name, *([] if grid.run_cache else ["--no-run-cache"]),
-            *_s(grid.cell_overrides(cell)), *CELL_TARGETS]
+    return ["dvc", "exp", "run", "-n", cell.name, *_s(grid.cell_overrides(cell)), *CELL_TARGETS]
 
 
 def describe(grid: Grid, cells: Optional[list[Cell]] = None, shared: bool = True) -> list[str]:
