@@ -295,7 +295,13 @@ def _experiment_metrics(all_commits: bool) -> list[dict[str, Any]]:
     def read(rev: str) -> str:
         if rev == "workspace":
             return student.read_text()
-        return dvc.api.read(str(student), rev=rev)
+        from dvc.scm import RevError
+        from dvc.exceptions import PathMissingError
+
+        try:
+            return dvc.api.read(str(student), rev=rev)
+        except (PathMissingError, RevError) as err:  # e.g. a baseline commit never run: its experiments still count
+            raise FileNotFoundError(str(err)) from None
 
     return rows_from_experiments(dvc.api.exp_show(num=-1 if all_commits else 1), read)
 
