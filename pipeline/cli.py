@@ -299,7 +299,13 @@ def _experiment_metrics(all_commits: bool) -> list[dict[str, Any]]:
     def read(rev: str) -> str:
         if rev == "workspace":
             return student.read_text()
-        return dvc.api.read(str(student), rev=rev)
+        from dvc.scm import RevError
+        from dvc.exceptions import PathMissingError
+
+        try:
+            return dvc.api.read(str(student), rev=rev)
+        except (PathMissingError, RevError) as err:  # e.g. a baseline commit never run: its experiments still count
+            raise FileNotFoundError(str(err)) from None
 
     return rows_from_experiments(dvc.api.exp_show(num=-1 if all_commits else 1), read)
 
@@ -398,6 +404,137 @@ def metrics(
     for r in rows:
         table.add_row(*r)
     console.print(table)
+
+
+# ================================================================================================= grid
+
+grid_app = typer.Typer(rich_markup_mode="rich", no_args_is_help=True,
+                       help="A grid of student runs (strategies × seeds) as DVC experiments: [green]run[/green] "
+                            "it on the local DVC queue or on SLURM, [green]status[/green], [green]resume[/green].")
+app.add_typer(grid_app, name="grid")
+
+
+class ExecutorChoice(str, Enum):
+    local = "local"
+    slurm = "slurm"
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+@grid_app.command("run")
+def grid_run(
+    protocol: Annotated[str, typer.Option("--protocol", "-p", help="conf/protocol/NAME.yaml")] = "digits",
+    strategies: Annotated[str, typer.Option("--strategies", help="comma-separated")]
+    = "basic,madry,trades,fat,part,sip_s,sip_h",
+    seeds: Annotated[str, typer.Option("--seeds", help="comma-separated student seeds")] = "0,1,2",
+    overrides: Annotated[Optional[list[str]], typer.Option("-S", "--set", help="KEY=VALUE for every run, as "
+                         "[bold]dvc exp run -S[/bold] (repeatable)")] = None,
+    executor: Annotated[ExecutorChoice, typer.Option("--executor", "-e", help="local: this machine's DVC queue; "
+                        "slurm: one shared-stages job, then a job array")] = ExecutorChoice.local,
+    resources: Annotated[Optional[list[str]], typer.Option("-R", "--resource", help="KEY=VALUE over "
+                         "conf/resources.yaml: gpus, cpus, mem_gb, time_min, partition, account; "
+                         "[bold]shared.[/bold]KEY or [bold]student.[/bold]KEY for one kind of job")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="grid name (experiments are NAME-STRATEGY-sSEED)")]
+    = None,
+    workdir: Annotated[Optional[Path], typer.Option("--workdir", help="work folder on the shared file system "
+                       "(default .grid/NAME)")] = None,
+    shared_from: Annotated[Optional[str], typer.Option("--shared-from", help="slurm: use the teacher and masks "
+                           "of this earlier grid (same baseline, protocol and -S) instead of building them")] = None,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", help="local: experiments at once")] = 1,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print every job, its resources and commands; "
+                       "submit nothing")] = False,
+) -> None:
+    """Run a grid of students; the teacher and masks are built once, every run lands as a DVC experiment."""
+    from pipeline import grid as g
+
+    with _errors():
+        try:
+            seed_list = [int(s) for s in _csv(seeds)]
+        except ValueError:
+            raise typer.BadParameter(f"expected integers, got {seeds!r}", param_hint="--seeds") from None
+        grid = g.plan(Path.cwd(), protocol, _csv(strategies), seed_list, overrides or [], executor=executor.value,
+                      name=name, workdir=workdir, resources=resources or [], shared_from=shared_from)
+        for line in g.describe(grid):
+            console.print(escape(line), soft_wrap=True, highlight=False)
+        if dry_run:
+            console.print("[yellow]dry run:[/yellow] nothing submitted")
+            return
+        if Path(grid.workdir, "grid.json").exists():
+            raise RuntimeError(f"grid {grid.name} exists ({grid.workdir}): `sipat grid resume {grid.name}`")
+        g.submit(grid)
+        if executor is ExecutorChoice.local:
+            import subprocess
+            import sys
+
+            subprocess.run([str(Path(sys.executable).parent / "dvc"), "queue", "start", "-j", str(jobs)], check=True)
+    console.print(f"[green]submitted[/green] grid {escape(grid.name)}: "
+                  + (f"shared job {grid.shared_job_id}, " if grid.shared_job_id else "")
+                  + f"{len(grid.cells)} run(s); follow it with `sipat grid status {escape(grid.name)}`",
+                  soft_wrap=True)
+
+
+_STATE_STYLE = {"pending": "dim", "running": "cyan", "done": "green", "failed": "bold red"}
+
+
+@grid_app.command("status")
+def grid_status(
+    name: Annotated[Optional[str], typer.Argument(help="grid name (default: the latest under .grid/)")] = None,
+    workdir: Annotated[Optional[Path], typer.Option("--workdir", help="the grid's work folder")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line")] = False,
+) -> None:
+    """Each run: pending, running, done or failed (with its log), from SLURM's own record; and what is left."""
+    from dataclasses import asdict
+
+    from pipeline import grid as g
+
+    with _errors():
+        grid = g.find_grid(Path.cwd(), name, workdir)
+        cells, source = g.status(grid)
+    if as_json:
+        for c in cells:
+            print(json.dumps(asdict(c)))
+        return
+    table = Table(title=f"grid {escape(grid.name)} ({escape(grid.executor)}; states from {escape(source)})",
+                  box=box.SIMPLE_HEAD)
+    for h in ("run", "job", "state", "detail"):
+        table.add_column(h, overflow="fold")
+    for c in cells:
+        table.add_row(escape(c.name), c.job_id or "", f"[{_STATE_STYLE[c.state]}]{c.state}[/]", escape(c.detail))
+    console.print(table)
+    runs = [c for c in cells if c.name != "(shared stages)"]
+    count = {s: sum(c.state == s for c in runs) for s in _STATE_STYLE}
+    left = count["pending"] + count["running"]
+    console.print(f"{count['done']} done, {count['running']} running, {count['pending']} pending, "
+                  f"{count['failed']} failed of {len(runs)}; left: {left}"
+                  + ("; failed runs resume with `sipat grid resume`" if count["failed"] else ""))
+
+
+@grid_app.command("resume")
+def grid_resume(
+    name: Annotated[Optional[str], typer.Argument(help="grid name (default: the latest under .grid/)")] = None,
+    workdir: Annotated[Optional[Path], typer.Option("--workdir", help="the grid's work folder")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print what would be submitted")] = False,
+) -> None:
+    """Submit again the runs that failed or were lost, each in its own clone (training and evaluation continue
+    where they stopped); the shared job only if it did not finish."""
+    from pipeline import grid as g
+
+    with _errors():
+        grid = g.find_grid(Path.cwd(), name, workdir)
+        cells = g.to_resume(grid)
+        shared = grid.shared_from is None and g.read_state(grid.shared_dir).get("state") != "done"
+        if not cells and not shared:
+            console.print(f"grid {escape(grid.name)}: nothing to resume")
+            return
+        for line in g.describe(grid, cells, shared=shared):
+            console.print(escape(line), soft_wrap=True, highlight=False)
+        if dry_run:
+            console.print("[yellow]dry run:[/yellow] nothing submitted")
+            return
+        g.submit(grid, cells)
+    console.print(f"[green]resubmitted[/green] {len(cells)} run(s) of grid {escape(grid.name)}")
 
 
 # =============================================================================================== survey

@@ -77,3 +77,23 @@ def test_checkpoint_round_trip_with_weights_only(tmp_path):
     assert torch.allclose(m(x), m2(x))
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_checkpoint_bytes_depend_on_values_not_on_object_identity(tmp_path):
+    """A resumed run's history is read back from disk (new string objects): same values, same bytes."""
+    import hashlib
+    import json
+
+    import torch
+
+    from pipeline.models import save_checkpoint
+
+    net = torch.nn.Linear(2, 2)
+    history = [{"epoch": 1, "lr": 0.05}, {"epoch": 2, "lr": 0.05}]
+    reread = [json.loads(json.dumps(history[0])), {"epoch": 2, "lr": 0.05}]
+    digests = []
+    for i, h in enumerate((history, reread)):
+        (tmp_path / str(i)).mkdir()
+        save_checkpoint(tmp_path / str(i) / "model.pt", net, {"arch": "x", "summary": {"history": h}})
+        digests.append(hashlib.sha256((tmp_path / str(i) / "model.pt").read_bytes()).hexdigest())
+    assert digests[0] == digests[1]

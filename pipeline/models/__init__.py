@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +64,19 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) ->
     model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     with atomic_path(path, kind="torch") as tmp:
-        torch.save({"format": FORMAT, "meta": meta, "state_dict": state}, tmp)
+        torch.save({"format": FORMAT, "meta": _interned(meta), "state_dict": state}, tmp)
+
+
+def _interned(value: Any) -> Any:
+    """`value` with every string interned. Pickle writes a string once per object, so equal metadata built from
+    different objects (a resumed run's history read back from disk) would otherwise give different bytes."""
+    if isinstance(value, str):
+        return sys.intern(value)
+    if isinstance(value, dict):
+        return {_interned(k): _interned(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_interned(v) for v in value)
+    return value
 
 
 def _first_line(err: BaseException) -> str:

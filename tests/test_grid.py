@@ -1,0 +1,81 @@
+"""`sipat grid` without a cluster: resources, job descriptions, SLURM's array ids, the torchrun wrapper."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import grid as g
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_resources_come_from_the_protocol_then_the_command_line():
+    res = g.load_resources(REPO, "cifar10_resnet18", [])
+    assert (res.shared.gpus, res.shared.time_min, res.student.time_min) == (1, 1440, 480)
+    res = g.load_resources(REPO, "cifar10_resnet18", ["time_min=30", "shared.gpus=4", "partition=gpu"])
+    assert (res.shared.gpus, res.shared.time_min, res.student.gpus, res.student.time_min) == (4, 30, 1, 30)
+    assert res.shared.partition == res.student.partition == "gpu"
+    digits = g.load_resources(REPO, "digits", ["account=null"])
+    assert (digits.student.gpus, digits.student.cpus, digits.student.account) == (0, 2, None)
+
+
+@pytest.mark.parametrize("bad, named", [("gpu=1", "gpu"), ("cpus=0", "cpus"), ("time_min", "KEY=VALUE"),
+                                        ("student.mem_gb=-1", "mem_gb")])
+def test_bad_resources_are_named(bad, named):
+    with pytest.raises(ValueError, match=named):
+        g.load_resources(REPO, "digits", [bad])
+
+
+def test_every_protocol_has_resources_that_load():
+    conf = yaml.safe_load((REPO / "conf" / "resources.yaml").read_text())
+    protocols = {p.stem for p in (REPO / "conf" / "protocol").glob("*.yaml")}
+    assert set(conf["protocols"]) == protocols
+    for p in protocols:
+        g.load_resources(REPO, p, [])
+
+
+def _grid(executor="slurm", **res) -> g.Grid:
+    return g.Grid(name="t", repo="/r", rev="a" * 40, cache="/r/.dvc/cache", workdir="/r/.grid/t", executor=executor,
+                  protocol="digits", overrides=["train.epochs=1"],
+                  resources=g.JobResources(student=g.Resources(**res)).model_dump(),
+                  cells=[g.Cell("t-madry-s0", "madry", 0), g.Cell("t-sip_s-s1", "sip_s", 1)])
+
+
+def test_describe_prints_every_job_its_resources_and_commands():
+    lines = "\n".join(g.describe(_grid(gpus=2, partition="gpu")))
+    assert "job 1 (shared stages, once) [gpus=0 cpus=2 mem=4GB time=60min" in lines
+    assert "job array of 2 (after the shared job succeeds (afterok)) [gpus=2 cpus=2 mem=4GB time=60min " \
+           "partition=gpu" in lines
+    assert "dvc exp run -S protocol=digits -S train.epochs=1 masks_synthetic masks_human evaluate_teacher" in lines
+    assert "dvc exp run -n t-sip_s-s1 -S protocol=digits -S train.epochs=1 -S strategy=sip_s -S seed=1 evaluate" in lines
+    assert "dvc exp push --no-cache origin t-madry-s0" in lines
+    local = "\n".join(g.describe(_grid("local")))
+    assert "dvc exp run --queue -n t-madry-s0 -S protocol=digits -S train.epochs=1 -S strategy=madry -S seed=0" in local
+
+
+def test_slurm_array_task_ids():
+    assert g._expand_tasks("3") == ["3"]
+    assert g._expand_tasks("0-3%2") == ["0", "1", "2", "3"]
+    assert g._expand_tasks("1,4-5") == ["1", "4", "5"]
+
+
+def test_the_torchrun_wrapper_wraps_only_the_distributed_stages(tmp_path):
+    grid = _grid(gpus=2)
+    grid.workdir = str(tmp_path)
+    g._write_torchrun_shim(grid)
+    shim = tmp_path / "bin" / "python"
+    env = {"SIPAT_PYTHON": sys.executable, "SIPAT_NPROC": "2", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([str(shim), "-c", "print('plain')"], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "plain"
+    text = shim.read_text()
+    for module in g.TORCHRUN_MODULES:
+        assert f'"-m {module}"' in text
+    assert '-m torch.distributed.run --standalone --nproc-per-node "$SIPAT_NPROC"' in text
+
+
+def test_a_grid_needs_a_committed_dvc_project(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a DVC project"):
+        g.plan(tmp_path, "digits", ["madry"], [0], [], executor="slurm", name=None, workdir=None, resources=[])
