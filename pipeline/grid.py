@@ -30,7 +30,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.core.utils import write_json
+from pipeline.core.utils import MARK_KEY, write_json
 
 # Stages the jobs of one grid share: everything upstream of the student, and the teacher's evaluation.
 SHARED_TARGETS = ("masks_synthetic", "masks_human", "evaluate_teacher")
@@ -154,6 +154,7 @@ class Grid:
         if not path.is_file():
             raise FileNotFoundError(f"no grid in {workdir} (grid.json missing)")
         raw = json.loads(path.read_text())
+        raw.pop(MARK_KEY, None)  # the mark every JSON this project writes carries
         raw["cells"] = [Cell(**c) for c in raw["cells"]]
         return cls(**raw)
 

@@ -171,7 +171,7 @@ PARAM_EFFECTS = {
 NEW_VALUES = {"strategy": "madry", "model": "resnet18", "seed": 7, "device": "cpu", "image_size": 12,
               "val_fraction": 0.2, "steps": 3, "epochs": 9, "fraction": 0.25, "chunk_size": 64,
               "threshold": 0.25, "n_examples": 10, "amp": "off", "per_class": 2, "eps": ["16/255", "32/255"],
-              "teacher_eps": ["16/255"], "beta": 1.0, "workers": 3, "threads_per_worker": 2, "batch_size": 100,
+              "teacher_eps": ["16/255"], "beta": 6.0, "workers": 3, "threads_per_worker": 2, "batch_size": 100,
               "resume": False, "num_workers": 1}
 
 
@@ -200,7 +200,7 @@ def test_another_strategys_parameter_does_not_rerun_the_evaluation(tiny_repo):
     params_file = root / "params.yaml"
     original = params_file.read_text()
     params = yaml.safe_load(original)
-    params["train"]["trades"]["beta"] = 1.0
+    params["train"]["trades"]["beta"] = 6.0  # the default is 1.0
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     try:
         out = _run(["dvc", "repro"], root, env)
