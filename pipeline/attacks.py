@@ -38,13 +38,17 @@ def _ce_sum(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: Budget, step_size: Budget, steps: int,
         mask: Optional[torch.Tensor] = None, init: Literal["uniform", "normal", "none"] = "uniform",
-        init_std: float = 0.001, loss_fn: Optional[LossFn] = None, tau: Optional[int] = None,
-        noise_std: float = 0.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        init_std: float = 0.001, start_eps: Optional[float] = None, loss_fn: Optional[LossFn] = None,
+        tau: Optional[int] = None, noise_std: float = 0.0,
+        generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Return x + δ maximising `loss_fn(model(x + δ), y)` with sign-gradient steps (Madry et al.).
 
     eps, step_size: floats, or tensors broadcastable to x (per-element budgets).
     mask: bool tensor shaped like x; True marks salient elements that must stay unperturbed.
     init: uniform in the ε-ball (Madry), N(0, init_std²) (TRADES), or none.
+    start_eps: with init uniform, draw the start in the ball of this scalar budget and take it as drawn (neither
+        clipped to `eps` nor to [0, 1]; the mask still applies) until the first step projects it, as PART's
+        reference `part_pgd` (`craft_ae.py`) starts over the full ε whatever the per-element budget.
     tau: if set, an example stops moving once it has been misclassified at tau further steps (FAT).
     noise_std: N(0, noise_std²) added to every step of the examples still moving, before the projection
         (FAT's ω, `earlystop.py`), to escape flat regions.
@@ -61,14 +65,17 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: Budget, step
     x = x.detach()
     if init == "uniform":
         noise = torch.rand(x.shape, device=x.device, dtype=x.dtype, generator=generator)
-        delta = (noise * 2 - 1) * eps
+        delta = (noise * 2 - 1) * (eps if start_eps is None else start_eps)
     elif init == "normal":
         delta = init_std * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
     elif init == "none":
         delta = torch.zeros_like(x)
     else:
         raise ValueError(f"unknown init {init!r}")
-    delta = project(delta, x, eps, mask)
+    if init == "uniform" and start_eps is not None:
+        delta = delta if mask is None else delta.masked_fill(mask, 0.0)
+    else:
+        delta = project(delta, x, eps, mask)
 
     active = budget = None
     if tau is not None:

@@ -463,12 +463,10 @@ def grid_run(
             return
         if Path(grid.workdir, "grid.json").exists():
             raise RuntimeError(f"grid {grid.name} exists ({grid.workdir}): `sipat grid resume {grid.name}`")
+        grid.jobs = jobs
         g.submit(grid)
         if executor is ExecutorChoice.local:
-            import subprocess
-            import sys
-
-            subprocess.run([str(Path(sys.executable).parent / "dvc"), "queue", "start", "-j", str(jobs)], check=True)
+            g.start_local_workers(grid, jobs)
     console.print(f"[green]submitted[/green] grid {escape(grid.name)}: "
                   + (f"shared job {grid.shared_job_id}, " if grid.shared_job_id else "")
                   + f"{len(grid.cells)} run(s); follow it with `sipat grid status {escape(grid.name)}`",
@@ -534,6 +532,8 @@ def grid_resume(
             console.print("[yellow]dry run:[/yellow] nothing submitted")
             return
         g.submit(grid, cells)
+        if grid.executor == "local":
+            g.start_local_workers(grid, grid.jobs)
     console.print(f"[green]resubmitted[/green] {len(cells)} run(s) of grid {escape(grid.name)}")
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pipeline.core.config import load_config
 from pipeline.core.errors import expected_errors
-from pipeline.core.utils import check_output, setup_logging
+from pipeline.core.utils import check_output, limit_threads, setup_logging
 from pipeline.evaluation.run import evaluate_run
 
 
@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="metrics JSON to write")
     args = parser.parse_args()
     setup_logging()
+    limit_threads()  # SIPAT_CPUS / SLURM_CPUS_PER_TASK, where set
     out = Path(args.out)
     with expected_errors():
         check_output(out, kind="json")  # before the attacks, not after

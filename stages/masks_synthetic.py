@@ -13,7 +13,7 @@ import logging
 
 from pipeline.core.config import load_config
 from pipeline.core.errors import expected_errors
-from pipeline.core.utils import setup_logging
+from pipeline.core.utils import limit_threads, setup_logging
 from pipeline.data import load_dataset
 from pipeline.distributed import is_main
 from pipeline.synthetic_masks import extract_synthetic
@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="mask store to write")
     args = parser.parse_args()
     setup_logging()
+    limit_threads()  # SIPAT_CPUS / SLURM_CPUS_PER_TASK, where set
     with expected_errors():
         cfg = load_config()
         dataset = load_dataset(cfg.dataset, cfg.data.root, "train", cfg.data.image_size)

@@ -34,11 +34,12 @@ def main() -> None:
     args = parser.parse_args()
     with expected_errors():  # imports inside: Ctrl-C while torch loads is one line too
         from pipeline.core.config import load_config
-        from pipeline.core.utils import atomic_path, setup_logging, write_json
+        from pipeline.core.utils import atomic_path, limit_threads, setup_logging, write_json
         from pipeline.data import DATASETS, content_fingerprint, load_dataset
         from pipeline.validate import check_config
 
         setup_logging()
+        limit_threads()  # SIPAT_CPUS / SLURM_CPUS_PER_TASK, where set
         cfg = load_config()
         check_config(cfg)  # every stage's parameters, before anything is trained
         with atomic_path(args.out, is_dir=True, owned=is_prepared) as tmp:

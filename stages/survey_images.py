@@ -8,7 +8,7 @@ import argparse
 
 from pipeline.core.config import load_config
 from pipeline.core.errors import expected_errors
-from pipeline.core.utils import check_output, setup_logging, write_json
+from pipeline.core.utils import check_output, limit_threads, setup_logging, write_json
 from pipeline.survey.images import build_from_checkpoint
 
 
@@ -20,6 +20,7 @@ def main() -> None:
     parser.add_argument("--metrics", required=True, help="summary metrics JSON to write")
     args = parser.parse_args()
     setup_logging()
+    limit_threads()  # SIPAT_CPUS / SLURM_CPUS_PER_TASK, where set
     with expected_errors():
         check_output(args.metrics, kind="json")
         cfg = load_config()

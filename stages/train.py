@@ -11,7 +11,7 @@ import argparse
 
 from pipeline.core.config import load_config
 from pipeline.core.errors import ConfigError, expected_errors
-from pipeline.core.utils import check_output, setup_logging, write_json
+from pipeline.core.utils import check_output, limit_threads, setup_logging, write_json
 from pipeline.distributed import is_main
 from pipeline.strategies import builtin  # noqa: F401  (the student may run any strategy)
 from pipeline.training.curves import plot_history
@@ -38,6 +38,7 @@ def main() -> None:
                         help="mask store of each kind a strategy may read (synthetic, human)")
     args = parser.parse_args()
     setup_logging()
+    limit_threads()  # SIPAT_CPUS / SLURM_CPUS_PER_TASK, where set
     with expected_errors():
         check_output(args.out, kind="torch")  # before hours of training, not after
         check_output(args.history, kind="json")

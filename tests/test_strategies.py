@@ -274,3 +274,74 @@ def test_joint_crop_flip_moves_mask_with_image():
     assert not torch.equal(xa, x)
     xb, _ = crop_flip(x, None, 3, torch.Generator().manual_seed(1))
     assert torch.equal(xa, xb)
+
+
+def test_trades_makes_three_train_mode_passes_and_batch_norm_sees_the_clean_batch_twice(monkeypatch):
+    """trades.py: model(x_natural) for the CE term, then model(x_adv) and model(x_natural) for the KL term."""
+    from pipeline.strategies.trades import Trades
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", 4).train()
+    b = _batch(8)
+    fixed = (b.x + 0.05).clamp(0, 1)
+    monkeypatch.setattr(Trades, "adversarial", lambda self, model, batch, **kw: fixed)
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    seen = []
+    bn.register_forward_hook(lambda m, i, o: seen.append(i[0].detach().clone()) if m.training else None)
+    make_strategy("trades", ATTACK, StudentConfig()).loss(model, b)
+    assert len(seen) == 3 and torch.equal(seen[0], seen[2]) and not torch.equal(seen[0], seen[1])
+    assert int(bn.num_batches_tracked) == 3
+
+
+def test_part_random_start_spans_the_full_eps_after_the_warm_up(monkeypatch):
+    """craft_ae.py part_pgd: X + U(-ε, ε) whatever the per-element budget, projected only by the first step."""
+    import pipeline.attacks as attacks
+
+    torch.manual_seed(0)
+    model = build_model("smallcnn", 4)
+    b = _batch(16)
+    x = torch.full_like(b.x, 0.5)  # away from [0, 1]'s ends: the start is not clipped there anyway
+    batch = Batch(x, b.y, b.index, None)
+    starts = []
+    real_project = attacks.project
+
+    def spy(delta, x, eps, mask=None):
+        starts.append(delta.detach().clone())
+        return real_project(delta, x, eps, mask)
+
+    monkeypatch.setattr(attacks, "project", spy)
+    strat = make_strategy("part", ATTACK, StudentConfig(part={"warmup_fraction": 0}), total_epochs=4)
+    budget = strat.budget(model, batch)
+    assert bool((budget < ATTACK.eps - 1e-6).any())  # some elements have the low budget
+    strat.adversarial(model, batch, steps=1)
+    assert len(starts) == 1  # projected once, by the step: the start is taken as drawn
+    seen = []
+    model.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].detach().clone()))
+    strat.adversarial(model, batch, steps=1)
+    delta0 = seen[-1] - x
+    low = budget < ATTACK.eps - 1e-6
+    assert float(delta0.abs().max()) <= ATTACK.eps + 1e-6
+    assert float(delta0[low].abs().max()) > strat.eps_low + 1e-4  # beyond the low budget: drawn over the full ε
+
+
+def test_part_constant_or_nonfinite_cam_gives_no_element_the_full_eps(caplog):
+    """The reference scales each CAM by (max − min): a constant map is NaN and no element exceeds z = 1."""
+    flat = torch.zeros(2, 1, 4, 4)
+    flat[1] = 3.0
+    nan = torch.full((1, 1, 4, 4), float("nan"))
+    z = part_zscores(torch.cat([flat, nan]), (8, 8))
+    assert z.shape == (3, 3, 8, 8) and not bool((z > 1).any())
+    # resnet18_tv at 32 px: layer4 is 1×1, every map constant; no element at the full ε, one warning per run
+    torch.manual_seed(0)
+    model = build_model("resnet18_tv", 4)
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(4, 3, 32, 32, generator=g)
+    batch = Batch(x, torch.tensor([0, 1, 2, 3]), torch.arange(4), None)
+    assert raw_cam(model, x).shape[-2:] == (1, 1)
+    strat = make_strategy("part", ATTACK, StudentConfig(part={"warmup_fraction": 0}), total_epochs=4)
+    with caplog.at_level("WARNING"):
+        b1 = strat.budget(model, batch)
+        strat.budget(model, batch)
+    assert torch.allclose(b1, torch.full_like(b1, strat.eps_low))
+    warnings = [r for r in caplog.records if "1x1" in r.getMessage()]
+    assert len(warnings) == 1 and "resnet18_tv's" in warnings[0].getMessage() and "32x32" in warnings[0].getMessage()

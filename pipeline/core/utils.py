@@ -28,6 +28,34 @@ def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
+CPU_BUDGET_VARS = ("SIPAT_CPUS", "SLURM_CPUS_PER_TASK")
+
+
+def cpu_budget() -> Optional[int]:
+    """Cores this process may use, when something above it decided: `SIPAT_CPUS` (set by `sipat grid` for the
+    runs it starts side by side) or SLURM's allocation (`SLURM_CPUS_PER_TASK`); None when nobody did."""
+    for var in CPU_BUDGET_VARS:
+        raw = os.environ.get(var, "").strip()
+        if raw:
+            try:
+                value = int(raw)
+            except ValueError:
+                raise ConfigError(f"environment variable {var}={raw!r}: expected a whole number of cores") from None
+            if value < 1:
+                raise ConfigError(f"environment variable {var}={raw!r}: expected at least 1 core")
+            return value
+    return None
+
+
+def limit_threads() -> Optional[int]:
+    """Hold torch's intra-op threads to the CPU budget, if one is set: runs that share cores would otherwise
+    each start one thread per core and slow one another down many times over."""
+    budget = cpu_budget()
+    if budget is not None:
+        torch.set_num_threads(budget)
+    return budget
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -16,7 +16,7 @@ import torch
 
 from pipeline import distributed as D
 from pipeline.core.config import Config, format_budget
-from pipeline.core.utils import resolve_device, seed_everything, sha256_file, write_json
+from pipeline.core.utils import cpu_budget, resolve_device, seed_everything, sha256_file, write_json
 from pipeline.data import load_dataset
 from pipeline.evaluation import (STANDARD_ATTACKS, attacks_for, evaluate_model, points_digest, select_examples,
                                  stack_examples)
@@ -25,6 +25,15 @@ from pipeline.models import check_checkpoint_matches, load_checkpoint
 log = logging.getLogger(__name__)
 
 PARTIAL_FORMAT = "sipat-eval-partial-v2"
+
+
+def cpu_layout(workers: int, threads: Optional[int], budget: Optional[int]) -> tuple[int, Optional[int]]:
+    """Worker processes and torch threads per worker within a CPU budget (a SLURM allocation, the share of a
+    local grid run): never more processes than cores. Results do not depend on the layout."""
+    if budget is None:
+        return workers, threads
+    workers = min(workers, budget)
+    return workers, max(1, budget // workers)
 
 
 def evaluate_run(cfg: Config, checkpoint: str | Path, out: str | Path, *, device: Optional[torch.device] = None,
@@ -80,10 +89,11 @@ def _evaluate(cfg: Config, checkpoint: Path, out: Path, info: D.DistInfo, partia
             done[res["chunk"]] = res
             write_json(partial_path, {"key": key, "chunks": {str(c): r for c, r in sorted(done.items())}})
 
+    workers, threads = cpu_layout(ev.workers, ev.threads_per_worker, cpu_budget())
     t0 = time.perf_counter()
     res = evaluate_model(model, x, y, eps_list, n_classes=meta["num_classes"], device=device,
                          batch_size=ev.batch_size, seed=ev.seed, ladder=ev.ladder, chunk_size=ev.chunk_size,
-                         workers=ev.workers, threads_per_worker=ev.threads_per_worker, attacks=attacks,
+                         workers=workers, threads_per_worker=threads, attacks=attacks,
                          done=dict(done), on_chunk_done=keep, progress=progress, make_attack=make_attack)
     timing = res.pop("timing")
     shape = meta.get("image_shape") or []

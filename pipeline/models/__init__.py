@@ -30,9 +30,10 @@ MODELS: Registry[ModelSpec] = Registry("model")
 class Classifier(nn.Module):
     """`net(normalise(x))`: callers always pass images in [0, 1], as AutoAttack requires."""
 
-    def __init__(self, net: nn.Module, mean, std, cam_layer: str):
+    def __init__(self, net: nn.Module, mean, std, cam_layer: str, arch: str = ""):
         super().__init__()
         self.net = net
+        self.arch = arch  # the registered name, for messages
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
         self.cam_layer = cam_layer
@@ -51,7 +52,7 @@ def build_model(arch: str, num_classes: int, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0
                 pretrained: bool = False) -> Classifier:
     spec = MODELS.get(arch)
     net = spec.factory(num_classes=num_classes, pretrained=pretrained)
-    return Classifier(net, mean, std, spec.cam_layer)
+    return Classifier(net, mean, std, spec.cam_layer, arch)
 
 
 FORMAT = "sipat-checkpoint-v1"

@@ -16,6 +16,7 @@ Two rules pick the important elements (`train.part.rule`):
 
 from __future__ import annotations
 
+import logging
 from typing import Literal
 
 import torch
@@ -25,6 +26,8 @@ from pydantic import Field
 from pipeline.core.config import Fraction, Share
 from pipeline.strategies import Batch, StrategyParams
 from pipeline.strategies.madry import Madry
+
+log = logging.getLogger(__name__)
 
 Z_THRESHOLD = 1.0  # PART utils.py generate_weighted_eps: full ε where the standardised map exceeds 1
 
@@ -80,15 +83,26 @@ def _jet_table(device, dtype) -> torch.Tensor:
     return torch.as_tensor(matplotlib.colormaps["jet"](range(256))[:, :3], dtype=dtype, device=device)
 
 
+def _flat_maps(cam: torch.Tensor) -> torch.Tensor:
+    """Per image of B×1×h×w: True where the map is constant or not finite. The reference scales each map by
+    (max − min), which is 0 there: the map becomes NaN and no element of that image gets the full ε."""
+    flat = cam.flatten(1)
+    finite = torch.isfinite(flat).all(1)
+    lo, hi = flat.nan_to_num().min(1)[0], flat.nan_to_num().max(1)[0]
+    return ~finite | (hi <= lo)
+
+
 def part_zscores(cam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """PART's importance map B×3×H×W from a CAM B×1×h×w (any scale): z-scores of jet((CAM resized)²).
 
     As PART's utils.py: the CAM scaled to [0, 1] (torchcam's normalisation), resized to `size` bicubically
     (torch's kernel, a = -0.75; the reference resizes with PIL, a = -0.5), squared, coloured with matplotlib's
     256-entry jet (floor(v·256), clipped to the table's ends, as matplotlib does), standardised per image over
-    all its elements (population std).
+    all its elements (population std). A constant or non-finite map (every map of a 1×1 CAM layer) gets z = 0
+    everywhere, so none of its elements is important, as in the reference.
     """
-    cam = _unit(cam.float())
+    flat_maps = _flat_maps(cam.float())
+    cam = _unit(cam.float().nan_to_num())
     if tuple(cam.shape[-2:]) != tuple(size):
         cam = F.interpolate(cam, size=size, mode="bicubic", align_corners=False)
     v = cam.squeeze(1) ** 2
@@ -97,7 +111,8 @@ def part_zscores(cam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     flat = rgb.flatten(1)
     mean = flat.mean(1, keepdim=True)
     std = flat.std(1, keepdim=True, unbiased=False)
-    return ((flat - mean) / std.clamp_min(1e-12)).view_as(rgb)
+    z = (flat - mean) / std.clamp_min(1e-12)
+    return z.masked_fill(flat_maps.view(-1, 1), 0.0).view_as(rgb)
 
 
 def zscore_budget(z: torch.Tensor, eps: float, eps_low: float) -> torch.Tensor:
@@ -119,9 +134,19 @@ def top_fraction_budget(cam: torch.Tensor, eps: float, eps_low: float, important
 class PART(Madry, name="part"):
     Params = PartParams
 
+    _warned_1x1 = False
+
     @property
     def eps_low(self) -> float:
         return self.params.low_eps_fraction * self.attack.eps
+
+    def attack_options(self) -> dict:
+        # after the warm-up (torchattacks' PGD, start clipped as ours), the reference's part_pgd draws its random
+        # start over the full ε, not each element's own budget, and does not clip it to [0, 1]
+        options = super().attack_options()
+        if options.get("init") == "uniform" and not self.in_warmup():
+            options["start_eps"] = self.attack.eps
+        return options
 
     def in_warmup(self) -> bool:
         return self.epoch < self.params.warmup_epochs(self.total_epochs)
@@ -135,7 +160,14 @@ class PART(Madry, name="part"):
         if batch.x.shape[1] != 3:
             raise ValueError(f"train.part.rule: zscore colours the CAM in 3 channels; the images have "
                              f"{batch.x.shape[1]} (use rule: top_fraction)")
-        z = part_zscores(raw_cam(model, batch.x), tuple(batch.x.shape[-2:]))
+        cam = raw_cam(model, batch.x)
+        if cam.shape[-2:] == (1, 1) and not self._warned_1x1:
+            self._warned_1x1 = True
+            net = getattr(model, "module", model)
+            log.warning("PART: %s's Grad-CAM layer is 1x1 at %dx%d px, so every map is constant and no element "
+                        "gets the full ε (as the reference code); use larger images or rule: top_fraction",
+                        getattr(net, "arch", "") or type(net).__name__, batch.x.shape[-2], batch.x.shape[-1])
+        z = part_zscores(cam, tuple(batch.x.shape[-2:]))
         return zscore_budget(z, self.attack.eps, self.eps_low).to(batch.x.dtype)
 
     def stats(self):

@@ -30,6 +30,9 @@ class Trades(Strategy, name="trades"):
         kl_to_clean = lambda logits, _y: F.kl_div(F.log_softmax(logits, dim=1), p_clean, reduction="sum")  # noqa: E731
         # TRADES starts at x + N(0, 0.001²) (trades.py), not at a uniform point of the ball
         x_adv = self.adversarial(model, batch, init="normal", init_std=0.001, loss_fn=kl_to_clean)
+        # three train-mode passes, clean, adversarial, clean, as trades.py: the second clean pass gives the same
+        # logits and gradients as the first, but batch norm's running statistics see the clean batch twice
         logits_clean = model(batch.x)
         logits_adv = model(x_adv)
-        return F.cross_entropy(logits_clean, batch.y) + self.params.beta * trades_kl(logits_adv, logits_clean)
+        logits_clean_kl = model(batch.x)
+        return F.cross_entropy(logits_clean, batch.y) + self.params.beta * trades_kl(logits_adv, logits_clean_kl)
