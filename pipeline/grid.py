@@ -205,7 +205,8 @@ def plan(repo: Path, protocol: str, strategies: list[str], seeds: list[int], ove
         raise ValueError(f"grid name {name!r}: letters, digits, '.', '_' and '-' only")
     workdir = (workdir or repo / ".grid" / name).resolve()
     res = load_resources(repo, protocol, resources)
-    cells = [Cell(f"{name}-{s}-s{seed}", s, seed) for s in strategies for seed in seeds]
+    # seed by seed: a grid stopped half-way holds every strategy of its first seeds, each paired with the others
+    cells = [Cell(f"{name}-{s}-s{seed}", s, seed) for seed in seeds for s in strategies]
     grid = Grid(name=name, repo=str(repo), rev=rev, cache=str(_dvc_cache_dir(repo)), workdir=str(workdir),
                 executor=executor, protocol=protocol, overrides=list(overrides), resources=res.model_dump(),
                 cells=cells)
