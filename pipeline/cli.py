@@ -311,21 +311,95 @@ def _experiment_metrics(all_commits: bool) -> list[dict[str, Any]]:
 
 
 def _print_group(group) -> None:
-    """A group's title, table (like `sipat metrics`), protocol and notes."""
-    from pipeline.report import table_cells
+    """A group's title, accuracy table, paired differences to Madry, the claims' verdicts, protocol and notes,
+    laid out within the terminal's width (columns stack into blocks; no number is ever cut)."""
+    from pipeline.report import accuracy_table, claim_lines, difference_table, text_table
 
-    head, rows = table_cells(group)
-    table = Table(box=box.SIMPLE_HEAD)
-    for h in head:
-        table.add_column(h, justify="left" if h == "Strategy" else "right", no_wrap=True)
-    for r in rows:
-        table.add_row(*(f"[bold]{escape(t)}[/bold]" if best else escape(t) for t, best in r))
-    console.print(f"[bold]{escape(group.title)}[/bold]", soft_wrap=True)
-    console.print(table)
-    console.print(f"[dim]{escape(group.details)}[/dim]")
-    for note in group.notes:
-        console.print(f"[yellow]•[/yellow] {escape(note)}")
+    width = max(40, console.width)
+    say = lambda text, style="": console.print(  # noqa: E731
+        f"[{style}]{escape(text)}[/{style}]" if style else escape(text), soft_wrap=False, highlight=False,
+        overflow="fold", crop=False)
+    say(group.title, "bold")
+    say("accuracy (%): mean ± std over seeds, then the 95 % interval; * best", "dim")
+    for line in text_table(*accuracy_table(group), width=width):
+        say(line)
+    diff = difference_table(group)
+    if diff is not None:
+        console.print()
+        say("paired difference to Madry (points): mean, then the 95 % interval", "dim")
+        for line in text_table(*diff, width=width):
+            say(line)
+    if group.claims:
+        console.print()
+        for line in claim_lines(group):
+            say(line, "" if line.startswith(" ") else "bold")
     console.print()
+    say(group.details, "dim")
+    for note in group.notes:
+        say(f"• {note}", "yellow")
+    console.print()
+
+
+def _provenance_md(metrics_dir: Path) -> Optional[str]:
+    from pipeline.results import load_provenance, provenance_markdown, what_changed
+
+    prov = load_provenance(metrics_dir)
+    if prov is None:
+        return None
+    return provenance_markdown(prov, what_changed(Path.cwd(), prov))
+
+
+def _with_provenance(md: str, metrics_dir: Path) -> str:
+    prov = _provenance_md(metrics_dir)
+    if prov is None:
+        return md
+    head, _, rest = md.partition("\n\n")
+    return f"{head}\n\n{prov}\n{rest}"
+
+
+def _publish(readme: Path, metrics_dir: Path, groups, plots: dict, check: bool) -> None:
+    """Replace (or, with `check`, compare) the README's section for `metrics_dir` with the groups' tables,
+    plots and verdicts, headed by the folder's provenance and what changed since."""
+    import os
+
+    from pipeline.core.utils import atomic_path
+    from pipeline.figures import plot_comparison
+    from pipeline.report import group_markdown
+    from pipeline.results import replace_section, section
+
+    if not readme.is_file():
+        raise FileNotFoundError(f"README not found: {readme}")
+    name = metrics_dir.resolve().name
+    prov = _provenance_md(metrics_dir)
+    if prov is None:
+        raise FileNotFoundError(f"{metrics_dir / 'provenance.json'} not found: a published result needs its "
+                                f"provenance (`sipat grid collect GRID --out {metrics_dir}`)")
+    parts = [prov]
+    for g in groups:
+        parts.append(group_markdown(g, os.path.relpath(plots[g.slug], readme.parent), level=3))
+    body = "\n".join(parts)
+    text = readme.read_text()
+    new = replace_section(text, name, body)
+    if check:
+        if new != text:
+            old_lines = (section(text, name) or "").splitlines()
+            first = next((i for i, (a, b) in enumerate(zip(old_lines, body.splitlines())) if a != b),
+                         min(len(old_lines), len(body.splitlines())))
+            shown = body.splitlines()[first] if first < len(body.splitlines()) else "(end)"
+            raise ValueError(f"{readme}'s section results:{name} is not what {metrics_dir} and the current code "
+                             f"give (first difference at its line {first + 1}: {shown!r}); rebuild it with "
+                             f"`sipat report --metrics-dir {metrics_dir} --readme {readme} --plot "
+                             f"{plots[groups[0].slug].parent}/{name}.png`")
+        console.print(f"{escape(str(readme))}: section results:{escape(name)} is up to date")
+        return
+    for g in groups:
+        plot_comparison(g, plots[g.slug])
+    # only the section between the markers changes; the rest of the file is the user's and stays as it is
+    with atomic_path(readme, owned=lambda _p: True) as tmp:
+        tmp.write_text(new)
+    console.print(f"replaced section results:{escape(name)} of {escape(str(readme))} "
+                  f"({len(groups)} group(s), plots {escape(', '.join(str(p) for p in plots.values()))})",
+                  overflow="fold")
 
 
 @app.command("report")
@@ -338,6 +412,11 @@ def report(
                                                          "[bold]<stem>_<group>.png[/bold] beside this path")]
     = Path("reports/comparison.png"),
     all_commits: Annotated[bool, typer.Option("--all-commits", help="experiments of every commit, not just HEAD")] = False,
+    readme: Annotated[Optional[Path], typer.Option("--readme", help="with --metrics-dir: replace the section "
+                      "between [bold]<!-- results:NAME -->[/bold] and [bold]<!-- /results:NAME -->[/bold] of this "
+                      "file (NAME: the folder's name) instead of writing --out")] = None,
+    check: Annotated[bool, typer.Option("--check", help="with --readme: write nothing; exit 1 when the section "
+                     "differs from what the metrics folder and the current code give")] = False,
 ) -> None:
     """Paper-style tables: rows strategies, columns clean and each ε, mean ± std over seeds, best in bold.
 
@@ -351,6 +430,10 @@ def report(
     from pipeline.report import compare, load_metrics_dir, plot_path, to_markdown
 
     with _errors():
+        if (readme or check) and metrics_dir is None:
+            raise ValueError("--readme and --check publish a results folder: give it with --metrics-dir")
+        if check and readme is None:
+            raise ValueError("--check compares a README section: give the file with --readme")
         if metrics_dir is not None:
             if not metrics_dir.is_dir():
                 raise FileNotFoundError(f"metrics folder not found: {metrics_dir}")
@@ -361,9 +444,14 @@ def report(
             raise ValueError(f"no evaluated student runs found in {where}")
         groups, warnings = compare(rows)
         plots = {g.slug: plot_path(out_png, g.slug) for g in groups}
+        if readme is not None:
+            _publish(readme, metrics_dir, groups, plots, check)
+            return
         for g in groups:
             plot_comparison(g, plots[g.slug])
         md = to_markdown(groups, {s: os.path.relpath(p, out_md.parent) for s, p in plots.items()})
+        if metrics_dir is not None:
+            md = _with_provenance(md, metrics_dir)
         with atomic_path(out_md) as tmp:
             tmp.write_text(md.rstrip("\n") + f"\n\n{TEXT_MARK}\n")
     for w in warnings:
@@ -373,7 +461,7 @@ def report(
     n_runs = sum(len(g.runs) for g in groups)
     console.print(f"wrote [bold]{escape(str(out_md))}[/bold] and {len(plots)} plot(s) "
                   f"({escape(', '.join(str(p) for p in plots.values()))}) from {n_runs} run(s) in {len(groups)} "
-                  f"group(s) ({escape(where)})", soft_wrap=True)
+                  f"group(s) ({escape(where)})", overflow="fold")
 
 
 @app.command("metrics")
@@ -535,6 +623,27 @@ def grid_resume(
         if grid.executor == "local":
             g.start_local_workers(grid, grid.jobs)
     console.print(f"[green]resubmitted[/green] {len(cells)} run(s) of grid {escape(grid.name)}")
+
+
+@grid_app.command("collect")
+def grid_collect(
+    name: Annotated[Optional[str], typer.Argument(help="grid name (default: the latest under .grid/)")] = None,
+    out: Annotated[Path, typer.Option("--out", help="folder for the metrics files and provenance.json "
+                   "(commit it: `sipat report --metrics-dir` rebuilds the tables from it offline)")] = None,
+    workdir: Annotated[Optional[Path], typer.Option("--workdir", help="the grid's work folder")] = None,
+) -> None:
+    """Gather a grid's finished runs into a results folder: one metrics file per run, the teacher's, and the
+    provenance (commit, processor, command, wall time, digests of the code and the parameters)."""
+    from pipeline import grid as g
+    from pipeline.results import collect
+
+    with _errors():
+        if out is None:
+            raise typer.BadParameter("give the results folder", param_hint="--out")
+        grid = g.find_grid(Path.cwd(), name, workdir)
+        prov = collect(Path.cwd(), grid, out)
+    console.print(f"collected {prov['runs']} run(s) of grid {escape(grid.name)} into {escape(str(out))}"
+                  + (f"; not finished: {len(prov['missing'])}" if prov["missing"] else ""), overflow="fold")
 
 
 # =============================================================================================== survey

@@ -60,23 +60,45 @@ def render_mask_grid(images, rows: list[tuple[str, Any]], titles: list[str], out
 
 
 def plot_comparison(group: "Group", out: str | Path) -> None:
-    """Accuracy against ε for one comparison group, one line per row of its table (clean accuracy at ε = 0),
-    error bars = std over seeds; a missing result leaves a gap. Titled with the group's title."""
-    from pipeline.report import eps_value
+    """Accuracy against ε for one comparison group (clean accuracy at ε = 0), one line per row of its table,
+    error bars = 95 % t interval over seeds; beside it, each strategy's paired difference to Madry with its
+    95 % interval, when the group has Madry runs. A missing result leaves a gap. Titled with the group's title."""
+    from pipeline.report import REFERENCE, LABELS, eps_value, paired
 
     cols = group.columns
     xs = [0.0] + [eps_value(c) * 255 for c in cols[1:]]
-    fig = _figure(figsize=(6.4, 4.4), dpi=120, layout="constrained")
-    ax = fig.subplots()
+    base = next((r for r in group.rows if r["strategy"] == REFERENCE), None)
+    fig = _figure(figsize=(11.0 if base else 6.4, 4.4), dpi=120, layout="constrained")
+    axes = fig.subplots(1, 2 if base else 1, squeeze=False)[0]
+    style = lambda r: "--" if r["strategy"].startswith("sip") else "-"  # noqa: E731
+
+    def bar(ci) -> float:
+        return ci.half if ci.n > 1 and ci.half == ci.half else 0.0
+
     for r in group.rows:
         cells = [r["cells"][c] for c in cols]
-        ax.errorbar(xs, [e["mean"] for e in cells], yerr=[e["std"] for e in cells], marker="o", capsize=3,
-                    label=r["label"], linestyle="--" if r["strategy"].startswith("sip") else "-")
-    ax.set_xlabel("ε (×1/255); 0 = clean")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_xticks(xs)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(group.title, fontsize=8)
+        axes[0].errorbar(xs, [e["mean"] for e in cells], yerr=[bar(e["ci"]) for e in cells], marker="o",
+                         capsize=3, label=r["label"], linestyle=style(r))
+    axes[0].set_ylabel("accuracy (%), 95 % interval over seeds")
+    if base is not None:
+        ax = axes[1]
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        for i, r in enumerate(group.rows):
+            if r is base:
+                ax.plot([], [])  # keep each strategy's colour the same in both panels
+                continue
+            ds = [paired(r, base, c) for c in cols]
+            shift = (i - len(group.rows) / 2) * 0.06 * (xs[-1] - xs[0] or 1) / 4  # keep the bars apart
+            ax.errorbar([x + shift for x in xs], [d.mean for d in ds], yerr=[bar(d) for d in ds], marker="o",
+                        capsize=3, label=r["label"], linestyle=style(r))
+        ax.set_ylabel(f"paired difference to {LABELS[REFERENCE]} (points), 95 % interval")
+    for ax in axes:
+        ax.set_xlabel("ε (×1/255); 0 = clean")
+        ax.set_xticks(xs)
+        ax.grid(alpha=0.3)
+    # the legend below the plots, where it covers no line
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(7, len(labels)), fontsize=8)
+    fig.suptitle(group.title, fontsize=9)
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png", metadata=PNG_MARK)

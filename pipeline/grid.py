@@ -31,6 +31,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.core.utils import MARK_KEY, write_json
+from pipeline.provenance import processor
 
 # Stages the jobs of one grid share: everything upstream of the student, and the teacher's evaluation.
 SHARED_TARGETS = ("masks_synthetic", "masks_human", "evaluate_teacher")
@@ -134,6 +135,7 @@ class Grid:
     submitted: str = ""
     shared_from: Optional[str] = None  # the work folder of an earlier grid whose shared stages this one uses
     jobs: int = 1             # local: runs at once (each held to cores / jobs threads)
+    processor: str = ""       # the submitting machine's processor (timings are read against it)
 
     @property
     def shared_dir(self) -> Path:
@@ -209,7 +211,7 @@ def plan(repo: Path, protocol: str, strategies: list[str], seeds: list[int], ove
     cells = [Cell(f"{name}-{s}-s{seed}", s, seed) for seed in seeds for s in strategies]
     grid = Grid(name=name, repo=str(repo), rev=rev, cache=str(_dvc_cache_dir(repo)), workdir=str(workdir),
                 executor=executor, protocol=protocol, overrides=list(overrides), resources=res.model_dump(),
-                cells=cells)
+                cells=cells, processor=processor())
     if shared_from is not None:
         if executor != "slurm":
             raise ValueError("--shared-from needs --executor slurm")

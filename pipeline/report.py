@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
-import numpy as np
-
+from pipeline.claims import Claim, Interval, judge, paired, t_interval
 from pipeline.core.config import OptimConfig, format_budget
 
 log = logging.getLogger(__name__)
@@ -105,7 +104,7 @@ def eps_value(key: str) -> float:
         return math.inf
 
 
-def _eps_label(key: str) -> str:
+def eps_label(key: str) -> str:
     m = re.fullmatch(r"eps_(\d+)_(\d+)", key)
     return f"{m.group(1)}/{m.group(2)}" if m else key.removeprefix("eps_").replace("p", ".")
 
@@ -226,8 +225,10 @@ class Group:
     digest: str
     runs: list[dict[str, Any]]
     columns: list[str]  # "clean", then metric keys of ε ascending
-    rows: list[dict[str, Any]]  # {"strategy", "label", "params", "seeds", "cells": {column: {mean, std, n}}}
+    rows: list[dict[str, Any]]  # {"strategy", "label", "params", "seeds",
+    #                               "cells": {column: {mean, std, n, ci, values: {seed: accuracy %}}}}
     notes: list[str] = field(default_factory=list)
+    claims: list[Claim] = field(default_factory=list)
     title: str = ""
     details: str = ""
     slug: str = ""
@@ -287,10 +288,13 @@ def _build_rows(runs: list[dict[str, Any]], columns: list[str]) -> tuple[list[di
                                           if k in differing) + ")"
             cells = {}
             for c in columns:
-                vals = [_percent(m["clean_acc"] if c == "clean" else m["robust_acc"].get(c)) for m in members]
-                arr = np.asarray([v for v in vals if v is not None], dtype=float)
-                cells[c] = {"mean": float(arr.mean()) if len(arr) else float("nan"),
-                            "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0, "n": int(len(arr))}
+                values = {m.get("seed"): _percent(m["clean_acc"] if c == "clean" else m["robust_acc"].get(c))
+                          for m in members}
+                values = {k: v for k, v in sorted(values.items(), key=lambda kv: _seed_order(kv[0]))
+                          if v is not None}
+                ci = t_interval(list(values.values()))
+                cells[c] = {"mean": ci.mean if ci.n else float("nan"), "std": ci.std if ci.n > 1 else 0.0,
+                            "n": ci.n, "ci": ci, "values": values}
             rows.append({"strategy": s, "label": label, "params": params, "cells": cells,
                          "seeds": sorted({m.get("seed") for m in members}, key=_seed_order)})
     counts = {r["label"]: len(r["seeds"]) for r in rows}
@@ -341,7 +345,7 @@ def _schedule_text(s: Any) -> str:
 
 
 def _details(key: dict[str, Any]) -> str:
-    evaluated = ", ".join(_eps_label(e) for e in key["eps"])
+    evaluated = ", ".join(eps_label(e) for e in key["eps"])
     points = _points_text(key) + (f" (subset {key['points']})" if key.get("points") else "")
     evaluation = f"Evaluation: AutoAttack (standard, L∞) at ε = {evaluated} on {points}."
     if not key["recorded"]:
@@ -394,6 +398,7 @@ def compare(rows: Iterable[dict[str, Any]]) -> tuple[list[Group], list[str]]:
         g.title = (f"{g.key.get('dataset') or '?'} · {g.key.get('model') or '?'} · "
                    f"training ε {_train_eps(g.key)} · {_points_text(g.key)} · {_seed_text(g.rows)}")
         g.details = _details(g.key)
+        g.claims = judge(g)
         g.slug = _slug(f"{g.key.get('dataset') or 'unknown'}_{g.key.get('model') or 'unknown'}_"
                        f"eps{_train_eps(g.key).replace('/', '-')}_n{g.key.get('n_examples') or 'all'}")
     for attr, extra in (("title", lambda g: f" [{g.digest[:6]}]"), ("slug", lambda g: f"_{g.digest[:6]}")):
@@ -412,7 +417,7 @@ def table_cells(group: Group) -> tuple[list[str], list[list[tuple[str, bool]]]]:
     """Header and rows of a group's table as (text, is best in its column) cells; accuracy in %."""
     best = {c: max((r["cells"][c]["mean"] for r in group.rows if r["cells"][c]["n"]), default=None)
             for c in group.columns}
-    head = ["Strategy"] + ["Clean" if c == "clean" else f"ε = {_eps_label(c)}" for c in group.columns] + ["seeds"]
+    head = ["Strategy"] + ["Clean" if c == "clean" else f"ε = {eps_label(c)}" for c in group.columns] + ["seeds"]
     out = []
     for r in group.rows:
         cells = [(r["label"], False)]
@@ -430,12 +435,129 @@ def table_cells(group: Group) -> tuple[list[str], list[list[tuple[str, bool]]]]:
     return head, out
 
 
+REFERENCE = "madry"  # the paired differences are to this strategy's runs of the same seeds
+Cell = tuple[list[str], bool]  # the lines of a table cell, and whether it is best in its column
+
+
+def _heads(group: Group) -> list[str]:
+    return ["Clean" if c == "clean" else f"ε {eps_label(c)}" for c in group.columns]
+
+
+def _interval_lines(ci: Interval, signed: bool = False) -> list[str]:
+    mean = f"{ci.mean:+.2f}" if signed else f"{ci.mean:.2f}"
+    if ci.n > 1 and math.isfinite(ci.half):
+        return [mean + ("" if signed else f" ± {ci.std:.2f}"), f"[{ci.lo:.2f}, {ci.hi:.2f}]"]
+    return [mean, f"(n={ci.n})"]
+
+
+def accuracy_table(group: Group) -> tuple[list[str], list[list[Cell]]]:
+    """Accuracy (%) per strategy and column: mean ± std over seeds, then the 95 % t interval of the mean."""
+    best = {c: max((r["cells"][c]["mean"] for r in group.rows if r["cells"][c]["n"]), default=None)
+            for c in group.columns}
+    out = []
+    for r in group.rows:
+        cells: list[Cell] = [([r["label"], f"{len(r['seeds'])} seed" + ("s" if len(r["seeds"]) != 1 else "")],
+                              False)]
+        for c in group.columns:
+            e = r["cells"][c]
+            if not e["n"]:
+                cells.append(([MISSING], False))
+                continue
+            cells.append((_interval_lines(e["ci"]), best[c] is not None and abs(e["mean"] - best[c]) < 1e-9))
+        out.append(cells)
+    return ["Strategy"] + _heads(group), out
+
+
+def difference_table(group: Group, ref: str = REFERENCE) -> Optional[tuple[list[str], list[list[Cell]]]]:
+    """Each strategy minus `ref` over the seeds both have (percentage points): mean, then its 95 % interval.
+    None when the group has no `ref` runs."""
+    base = next((r for r in group.rows if r["strategy"] == ref), None)
+    if base is None:
+        return None
+    out = []
+    for r in group.rows:
+        if r is base:
+            continue
+        cells: list[Cell] = [([r["label"], f"{len(set(r['seeds']) & set(base['seeds']))} pairs"], False)]
+        for c in group.columns:
+            d = paired(r, base, c)
+            cells.append((_interval_lines(d, signed=True) if d.n else [MISSING], False))
+        out.append(cells)
+    return ["− " + LABELS.get(ref, ref)] + _heads(group), out
+
+
+def claim_lines(group: Group) -> list[str]:
+    """One verdict line per claim, then its evidence, indented."""
+    lines = []
+    for c in group.claims:
+        lines.append(f"{c.name} {c.verdict.upper()}: {c.statement}.")
+        lines += [f"    {p}" for p in c.parts]
+    return lines
+
+
+def text_table(head: list[str], rows: list[list[Cell]], width: int = 80) -> list[str]:
+    """A plain-text table no wider than `width`: the first column repeats and the others are split into as
+    many stacked blocks as needed, so no cell is ever cut. Best cells are marked with '*'."""
+    def show(cell: Cell) -> list[str]:
+        lines, best = cell
+        return [f"{t}*" if best and i == 0 else t for i, t in enumerate(lines)]
+
+    body = [[show(c) for c in r] for r in rows]
+    widths = [max([len(head[j])] + [len(line) for r in body for line in r[j]]) for j in range(len(head))]
+    blocks, current, used = [], [], widths[0]
+    for j in range(1, len(head)):
+        if current and used + 2 + widths[j] > width:
+            blocks.append(current)
+            current, used = [], widths[0]
+        current.append(j)
+        used += 2 + widths[j]
+    if current:
+        blocks.append(current)
+    out = []
+    for k, cols in enumerate(blocks):
+        if k:
+            out.append("")
+        cols = [0] + cols
+        line = lambda parts: "  ".join(  # noqa: E731
+            p.ljust(widths[j]) if j == 0 else p.rjust(widths[j]) for j, p in zip(cols, parts)).rstrip()
+        out.append(line([head[j] for j in cols]))
+        out.append(line(["-" * widths[j] for j in cols]))
+        for r in body:
+            height = max(len(r[j]) for j in cols)
+            for i in range(height):
+                out.append(line([r[j][i] if i < len(r[j]) else "" for j in cols]))
+    return out
+
+
+def _md_table(head: list[str], rows: list[list[Cell]]) -> list[str]:
+    def cell(c: Cell, first: bool) -> str:
+        lines, best = c
+        top = f"**{lines[0]}**" if best else lines[0]
+        rest = [f"<sub>{t}</sub>" for t in lines[1:]]
+        return "<br>".join([top, *rest]) if not first else top + "".join(f" <sub>({t})</sub>" for t in lines[1:])
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(cell(c, j == 0) for j, c in enumerate(r)) + " |" for r in rows]
+    return out
+
+
 def group_markdown(group: Group, plot: Optional[str] = None, level: int = 2) -> str:
-    """One group: heading (its title), protocol, table, notes and, when given, the plot's relative path."""
-    head, rows = table_cells(group)
+    """One group: heading (its title), protocol, accuracy table, paired differences to Madry, the claims'
+    verdicts, notes and, when given, the plot's relative path."""
+    head, rows = accuracy_table(group)
     lines = ["#" * level + " " + group.title, "", group.details, "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(f"**{t}**" if b else t for t, b in r) + " |" for r in rows]
+             "Accuracy (%): mean ± std over seeds, below it the 95 % t interval of the mean; best mean per column "
+             "in bold.", "", *_md_table(head, rows)]
+    diff = difference_table(group)
+    if diff is not None:
+        lines += ["", f"Paired difference to {LABELS[REFERENCE]} (percentage points; the same seed shares the "
+                  "teacher, split and evaluated points): mean, below it the 95 % t interval.", "",
+                  *_md_table(*diff)]
+    if group.claims:
+        lines += ["", "The paper's claims on this group (computed; 95 % intervals, a margin of "
+                  "1 percentage point for \"at least\" and \"comparable\"):", ""]
+        for c in group.claims:
+            lines.append(f"- **{c.name} {c.verdict}**: {c.statement}.")
+            lines += [f"  - {p}" for p in c.parts]
     if group.notes:
         lines += [""] + [f"- {n}" for n in group.notes]
     if plot:
@@ -446,10 +568,9 @@ def group_markdown(group: Group, plot: Optional[str] = None, level: int = 2) -> 
 def to_markdown(groups: list[Group], plots: Optional[dict[str, str]] = None) -> str:
     """The whole comparison: one section per group; `plots` maps group slugs to plot paths."""
     plots = plots or {}
-    intro = ("# Comparison of training strategies\n\nAccuracy in %, mean ± std over seeds, best per column in "
-             "bold. Runs are averaged only within a section: same dataset, model, training budget and schedule, "
-             f"evaluated test points and ε set. {len(groups)} group(s), "
-             f"{sum(len(g.runs) for g in groups)} run(s).\n")
+    intro = ("# Comparison of training strategies\n\nRuns are averaged only within a section: same dataset, "
+             "model, training budget and schedule, evaluated test points and ε set. "
+             f"{len(groups)} group(s), {sum(len(g.runs) for g in groups)} run(s).\n")
     return "\n".join([intro] + [group_markdown(g, plots.get(g.slug)) for g in groups])
 
 
@@ -462,7 +583,7 @@ def plot_path(base: str | Path, slug: str) -> Path:
 def summary_table(runs: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """One row per metrics file (name → metrics): strategy, seed, points, clean and robust accuracy (%)."""
     eps_keys = sorted({k for m in runs.values() for k in m["robust_acc"]}, key=eps_value)
-    head = ["file", "strategy", "seed", "points", "clean"] + [_eps_label(k) for k in eps_keys]
+    head = ["file", "strategy", "seed", "points", "clean"] + [eps_label(k) for k in eps_keys]
     rows = []
     for name, m in runs.items():
         acc = []

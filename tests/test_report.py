@@ -162,7 +162,8 @@ def test_eps_sets_differ_and_a_missing_eps_column_is_a_dash(tmp_path):
     assert cells[1] == [("TRADES", False), ("88.00", False), ("82.00", True), (MISSING, False), ("1", False)]
     assert cells[0][3] == ("70.00", True)
     assert any(MISSING in n for n in g.notes)
-    assert f"| TRADES | 88.00 | **82.00** | {MISSING} | 1 |" in to_markdown(groups)
+    assert (f"| TRADES <sub>(1 seed)</sub> | 88.00<br><sub>(n=1)</sub> | **82.00**<br><sub>(n=1)</sub> | {MISSING} |"
+            in to_markdown(groups))
     plot_comparison(g, tmp_path / "p.png")  # the missing point is a gap in the line
     with Image.open(tmp_path / "p.png") as img:
         assert img.format == "PNG"
@@ -215,9 +216,9 @@ def test_report_cli_writes_one_section_and_plot_per_group_and_prints_tables(metr
                                    str(png)])
     assert res.exit_code == 0, res.output
     md = out.read_text()
-    assert md.count("| Strategy |") == 2 and "teacher" not in md
+    assert md.count("| Strategy |") == 2 and "(3 seeds)" not in md  # the teacher (seed 9) is no student
     sip = next(line for line in md.splitlines() if line.startswith("| SIP-S"))
-    assert sip.endswith("| 2 |")  # the copy of seed 0 is not a third seed
+    assert sip.startswith("| SIP-S <sub>(2 seeds)</sub> |")  # the copy of seed 0 is not a third seed
     for slug in ("cifar10_resnet18_eps32-255_n120", "digits_smallcnn_eps32-255_n120"):
         path = plot_path(png, slug)
         assert f"](comparison_{slug}.png)" in md
