@@ -131,11 +131,14 @@ def comparable_key(m: dict[str, Any]) -> dict[str, Any]:
         return {"recorded": False, "dataset": m.get("dataset"), "model": m.get("model"),
                 "train_eps": m.get("train_eps"), "n_examples": m.get("n_examples"), "eps": eps}
     optim = run.get("optim") or {}
+    scope = m.get("seed_scope", "student")
     return {"recorded": True, "dataset": run.get("dataset", m.get("dataset")),
             "model": run.get("model", m.get("model")), "image_size": run.get("image_size"),
             "attack": run.get("attack"),
             "optim": {k: v for k, v in optim.items() if not _strategy_section(k, m.get("strategy"))},
-            "n_examples": m.get("n_examples"), "points": m.get("points_digest"), "eps": eps}
+            "n_examples": m.get("n_examples"), "eps": eps, "seed_scope": scope,
+            # with seed_scope split or all each seed draws its own points: the same seed shares them
+            "points": m.get("points_digest") if scope == "student" else "drawn per seed"}
 
 
 def _strategy_section(key: str, strategy: Any) -> bool:
@@ -234,6 +237,9 @@ class Group:
     slug: str = ""
 
 
+# What a seed varied (seed_scope), as the table title says it
+SCOPE_TEXT = {"student": "varying the student only", "split": "varying the student, split and points",
+              "all": "varying the student, split, points and teacher"}
 PAPER_SEEDS = 5  # the paper repeats every experiment five times (sec. 4.3)
 PAPER_DATASETS = ("cifar10", "cifar100", "cub")
 
@@ -396,7 +402,8 @@ def compare(rows: Iterable[dict[str, Any]]) -> tuple[list[Group], list[str]]:
                                eps_value(_eps_key(_train_eps(g.key))), g.key.get("n_examples") or 0, g.digest))
     for g in groups:
         g.title = (f"{g.key.get('dataset') or '?'} · {g.key.get('model') or '?'} · "
-                   f"training ε {_train_eps(g.key)} · {_points_text(g.key)} · {_seed_text(g.rows)}")
+                   f"training ε {_train_eps(g.key)} · {_points_text(g.key)} · {_seed_text(g.rows)}"
+                   + (f" {SCOPE_TEXT[g.key['seed_scope']]}" if g.key.get("seed_scope") in SCOPE_TEXT else ""))
         g.details = _details(g.key)
         g.claims = judge(g)
         g.slug = _slug(f"{g.key.get('dataset') or 'unknown'}_{g.key.get('model') or 'unknown'}_"

@@ -114,7 +114,8 @@ def test_two_datasets_at_one_commit_give_two_tables():
     groups, _ = compare([src(r, f"exp-{i}") for i, r in enumerate(rows)])
     assert [(g.key["dataset"], g.key["model"], g.rows[0]["seeds"]) for g in groups] == [
         ("cifar10", "resnet18", [0, 1, 2]), ("digits", "smallcnn", [0, 1])]
-    assert groups[0].title == "cifar10 · resnet18 · training ε 32/255 · 120 test points · 3 seeds"
+    assert groups[0].title == ("cifar10 · resnet18 · training ε 32/255 · 120 test points · 3 seeds varying the "
+                               "student only")
     assert groups[0].rows[0]["cells"]["clean"]["mean"] == pytest.approx(50.0)
     assert len({g.slug for g in groups}) == 2
     md = to_markdown(groups)

@@ -288,3 +288,17 @@ def test_non_finite_gradients_abort_without_a_store(cub, tmp_path):
     with pytest.raises((ValueError, CheckpointError), match="non-finite"):
         write_mask_store(tmp_path / "s.zarr", it, n=len(cub), shape=cub.image_shape, attrs={})
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_both_author_rules_for_human_masks():
+    """threshold 0.5: Temp_CVPR train_model.py (perturbed where 1 − map >= 0.5); threshold 1.0:
+    SIP-Adversarial-Training run_training.py with PGD_attack_generator.py (the step is sign(∇ · (1 − map)), so
+    only pixels at 255 never move). Both emulated on every 8-bit value."""
+    seg = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16)
+    s = seg.float() / 255
+    temp_cvpr_salient = ~((1 - s) >= 0.5)
+    grad = torch.randn(1, 1, 16, 16, generator=torch.Generator().manual_seed(0)).abs() + 0.1
+    sip_repo_moves = (grad * (1 - s)).sign() != 0
+    assert torch.equal(binarise(seg, 0.5), temp_cvpr_salient)
+    assert torch.equal(binarise(seg, 1.0), ~sip_repo_moves)
+    assert int(binarise(seg, 1.0).sum()) == 1 and int(binarise(seg, 0.5).sum()) == 128

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal, Optional
 
 import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo,
-                      field_validator)
+                      field_validator, model_validator)
 
 from pipeline.core.errors import ConfigError  # noqa: F401  (re-exported: callers import it from here)
 
@@ -46,6 +46,8 @@ def format_budget(eps: float) -> str:
 Budget = Annotated[float, BeforeValidator(parse_budget), Field(ge=0.0, le=1.0)]
 Share = Annotated[float, BeforeValidator(parse_budget), Field(ge=0.0, le=1.0)]  # a share in [0, 1], e.g. 1/4
 Fraction = Annotated[float, BeforeValidator(parse_budget), Field(gt=0.0, le=1.0)]  # a share in (0, 1], e.g. 7/8
+# Seeds are mixed into other seeds (seed * 100003 + epoch, + rank): keep them where torch's 64-bit seeds hold them.
+Seed = Annotated[int, Field(ge=0, le=2**31 - 1)]
 
 
 class _Strict(BaseModel):
@@ -57,7 +59,7 @@ class DataConfig(_Strict):
     root: Optional[str] = Field(None, description="dataset root; ignored for the embedded `digits` default")
     image_size: int = Field(16, ge=4, le=1024)
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    split_seed: int = 0
+    split_seed: Seed = 0  # the student's train/validation split (the teacher's: teacher.split_seed)
     num_workers: int = Field(0, ge=0)
     augment: bool = False
     crop_padding: int = Field(2, ge=0)
@@ -109,7 +111,8 @@ class OptimConfig(_Strict):
 
 class TeacherConfig(OptimConfig):
     model: str = "smallcnn"
-    seed: int = 0  # separate from the student's seed: a seed grid must not retrain the teacher
+    seed: Seed = 0  # separate from the student's seed: a seed grid must not retrain the teacher
+    split_seed: Seed = 0  # the teacher's own train/validation split, so that a student's split can vary alone
     select: Literal["last", "clean", "robust"] = "robust"
 
 
@@ -160,7 +163,7 @@ class EvalConfig(_Strict):
     # change of `eps` does not rerun the teacher's evaluation, nor `teacher_eps` the student's.
     teacher_eps: list[Budget] = Field(default_factory=lambda: [parse_budget("32/255")])
     ladder: bool = False
-    seed: int = 0  # picks the evaluated subset and seeds AutoAttack; the same for every student
+    seed: Seed = 0  # picks the evaluated subset and seeds AutoAttack (seed_scope split/all: the run's seed)
 
     @field_validator("teacher_eps", mode="before")
     @classmethod
@@ -207,7 +210,7 @@ class SurveyConfig(_Strict):
         default_factory=lambda: [k / 255.0 for k in (4, 8, 16, 32)])
     attack: Literal["apgd-ce", "pgd"] = "apgd-ce"
     steps: int = Field(100, ge=1)
-    seed: int = 0
+    seed: Seed = 0
     batch_size: int = Field(256, ge=1)
     images_per_participant: int = Field(10, ge=1)
     completion_code: Optional[str] = Field(None, min_length=1, max_length=64)
@@ -228,7 +231,11 @@ class Config(_Strict):
     strategy: str = "sip_s"
     dataset: str = "digits"
     model: str = "smallcnn"
-    seed: int = 0
+    seed: Seed = 0
+    # What a seed varies (conf/seed_scope/): the student alone; also its split and the evaluated points; or
+    # also the teacher. The composition derives data.split_seed, teacher.seed, teacher.split_seed and
+    # evaluate.seed from it; checked here so that an edited params.yaml cannot claim a scope it does not have.
+    seed_scope: Literal["student", "split", "all"] = "student"
     device: str = "auto"
     data: DataConfig = Field(default_factory=DataConfig)
     attack: AttackConfig = Field(default_factory=AttackConfig)
@@ -239,6 +246,17 @@ class Config(_Strict):
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
     perf: PerfConfig = Field(default_factory=PerfConfig)
     survey: SurveyConfig = Field(default_factory=SurveyConfig)
+
+    @model_validator(mode="after")
+    def _scope_holds(self) -> "Config":
+        follows = {"split": ("data.split_seed", "evaluate.seed"),
+                   "all": ("data.split_seed", "evaluate.seed", "teacher.seed", "teacher.split_seed")}
+        wrong = [k for k in follows.get(self.seed_scope, ())
+                 if getattr(getattr(self, k.split(".")[0]), k.split(".")[1]) != self.seed]
+        if wrong:
+            raise ValueError(f"seed_scope {self.seed_scope!r} makes {', '.join(wrong)} equal to seed ({self.seed}); "
+                             f"here they are not (compose with -S seed_scope={self.seed_scope} -S seed=N, or set them)")
+        return self
 
 
 def _unknown_train_key(loc: tuple, kind: str) -> bool:

@@ -98,7 +98,8 @@ def _evaluate(cfg: Config, checkpoint: Path, out: Path, info: D.DistInfo, partia
     timing = res.pop("timing")
     shape = meta.get("image_shape") or []
     metrics = {
-        "strategy": meta["strategy"], "seed": meta["seed"], "role": meta["role"], "model": meta["arch"],
+        "strategy": meta["strategy"], "seed": meta["seed"], "seed_scope": cfg.seed_scope, "role": meta["role"],
+        "model": meta["arch"],
         "dataset": meta["dataset"], "train_eps": format_budget(meta["attack"]["eps"]),
         "checkpoint_sha256": ckpt_hash,
         "run": {"dataset": meta["dataset"], "model": meta["arch"],

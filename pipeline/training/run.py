@@ -68,7 +68,8 @@ def _train(cfg: Config, role: str, out: Path, dist, *, mask_stores: dict[str, st
         path = Path(mask_stores[strategy.mask_kind])
         masks = MaskStore.open(path, dataset=ds, device=device, kind=strategy.mask_kind).masks
 
-    train_idx, val_idx = train_val_split(ds.labels, cfg.data.val_fraction, cfg.data.split_seed)
+    split_seed = cfg.teacher.split_seed if role == "teacher" else cfg.data.split_seed
+    train_idx, val_idx = train_val_split(ds.labels, cfg.data.val_fraction, split_seed)
     pin = device.type == "cuda"
     train_batches = BatchIterator(ds, train_idx, optim.batch_size, shuffle=True, seed=seed,
                                   num_workers=cfg.data.num_workers, pin_memory=pin, rank=dist.rank,
