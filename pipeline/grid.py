@@ -15,6 +15,7 @@ folder: ``grid.json`` (the cells, their jobs and logs), ``logs/`` (submitit's), 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -25,7 +26,7 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Iterator, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -526,12 +527,38 @@ def start_local_workers(grid: Grid, jobs: int) -> None:
                        stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, check=True)
 
 
+@contextlib.contextmanager
+def _at_baseline(grid: Grid) -> Iterator[None]:
+    """The repository's workspace at the grid's baseline while runs are queued: DVC's queue takes the code as
+    the workspace holds it then, so a resumed cell runs the same code as its grid even after HEAD has moved.
+    The workspace must be clean to be moved; it is put back as it was."""
+    repo = Path(grid.repo)
+    head = _git(repo, "rev-parse", "HEAD")
+    if head == grid.rev:
+        yield
+        return
+    if _git(repo, "status", "--porcelain", "--untracked-files=no"):
+        raise RuntimeError(f"grid {grid.name} runs the code of {grid.rev[:10]}, HEAD is {head[:10]} with "
+                           f"uncommitted changes: commit or stash them, so that the baseline can be checked out "
+                           f"while the runs are queued")
+    branch = subprocess.run(["git", "symbolic-ref", "-q", "--short", "HEAD"], cwd=repo, capture_output=True,
+                            text=True).stdout.strip()
+    print(f"queueing at grid {grid.name}'s baseline {grid.rev[:10]} (HEAD {head[:10]} is restored after)",
+          flush=True)
+    _git(repo, "checkout", "-q", "--detach", grid.rev)
+    try:
+        yield
+    finally:
+        _git(repo, "checkout", "-q", branch or head)
+
+
 def _submit_local(grid: Grid, cells: list[Cell]) -> Grid:
     repo = Path(grid.repo)
-    for c in cells:
-        _run_logged([_tool("dvc"), "exp", "run", "--queue", "-n", c.name, *_s(grid.cell_overrides(c))], repo,
-                    _local_env(grid.jobs))
-    grid.submitted = _dt.datetime.now().isoformat(timespec="seconds")
+    with _at_baseline(grid):
+        for c in cells:
+            _run_logged([_tool("dvc"), "exp", "run", "--queue", "-n", c.name, *_s(grid.cell_overrides(c))], repo,
+                        _local_env(grid.jobs))
+    grid.submitted = grid.submitted or _dt.datetime.now().isoformat(timespec="seconds")
     grid.save()
     return grid
 
@@ -624,6 +651,13 @@ def status(grid: Grid) -> tuple[list[CellStatus], str]:
     return out, source
 
 
+def _experiment_names(repo: Path, rev: str) -> set[str]:
+    """Names of the finished DVC experiments of baseline `rev` (their refs: refs/exps/ab/cdef.../NAME)."""
+    proc = subprocess.run(["git", "for-each-ref", "--format=%(refname)", f"refs/exps/{rev[:2]}/{rev[2:]}/"],
+                          cwd=repo, capture_output=True, text=True)
+    return {line.rsplit("/", 1)[-1] for line in proc.stdout.split()}
+
+
 def _status_local(grid: Grid) -> list[CellStatus]:
     proc = subprocess.run([_tool("dvc"), "queue", "status"], cwd=grid.repo, capture_output=True, text=True)
     found = {}
@@ -631,10 +665,18 @@ def _status_local(grid: Grid) -> list[CellStatus]:
         parts = line.split()
         if len(parts) >= 2:
             found[parts[1]] = parts[-1]
+    finished = _experiment_names(Path(grid.repo), grid.rev)
     mapping = {"Queued": PENDING, "Running": RUNNING, "Success": DONE, "Failed": FAILED}
-    return [CellStatus(c.name, mapping.get(found.get(c.name, ""), FAILED if c.name in found else PENDING), None,
-                       found.get(c.name, "not in the queue"),
-                       None) for c in grid.cells]
+    out = []
+    for c in grid.cells:
+        if c.name in found:
+            out.append(CellStatus(c.name, mapping.get(found[c.name], FAILED), None, found[c.name], None))
+        elif c.name in finished:
+            out.append(CellStatus(c.name, DONE, None, "finished (experiment of the baseline)", None))
+        else:  # the queue was lost (a restarted machine, a cleared .dvc/tmp): nothing will run it
+            out.append(CellStatus(c.name, FAILED, None, "lost: neither queued nor finished; resume the grid",
+                                  None))
+    return out
 
 
 def find_grid(repo: Path, name: Optional[str], workdir: Optional[Path]) -> Grid:

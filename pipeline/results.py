@@ -17,6 +17,7 @@ import json
 import re
 import subprocess
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
@@ -117,6 +118,7 @@ def collect(repo: Path, grid, out: Path, metrics_path: str = "data/metrics/stude
         "run_seconds": round(sum(float(json.loads((out / f"{n}.json").read_text()).get(k) or 0)
                                  for n in found for k in ("train_seconds", "eval_seconds"))),
         "fingerprint": fingerprint(code, first), "code": code, "params": first,
+        "grid_record": asdict(grid),  # grid.json as submitted: restores `sipat grid resume` on another clone
     }
     write_json(out / PROVENANCE, prov)
     return prov

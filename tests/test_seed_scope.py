@@ -66,3 +66,15 @@ def test_report_pairs_seeds_that_drew_their_own_points_and_says_what_varied():
     student_only = [src(metrics("madry", s, 0.9, {"4/255": 0.8, "8/255": 0.7}, points=f"p{s}"), f"m{s}")
                     for s in range(2)]
     assert len(compare(student_only)[0]) == 2  # other points under seed_scope student: never averaged
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_paper_protocols_compute_in_fp32_and_the_fast_path_is_one_override_away(protocol):
+    """The references ran fp32; perf=fast is bf16 autocast on CUDA (nothing changes on a CPU)."""
+    paper = protocol.startswith(("cifar", "cub"))
+    cfg = config_from_dict(compose((f"protocol={protocol}",)), protocol)
+    assert cfg.perf.autocast(cuda=True) == (None if paper else "bfloat16")
+    fast = config_from_dict(compose((f"protocol={protocol}", "perf=fast")), protocol)
+    assert fast.perf.autocast(cuda=True) == "bfloat16" and fast.perf.autocast(cuda=False) is None
+    fp32 = config_from_dict(compose((f"protocol={protocol}", "perf=fp32")), protocol)
+    assert fp32.perf.autocast(cuda=True) is None and fp32.perf.use_channels_last(cuda=True)

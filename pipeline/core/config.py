@@ -189,6 +189,13 @@ class PerfConfig(_Strict):
     compile: bool = False
     resume: bool = True  # keep a per-epoch state next to the checkpoint and resume from it after an interruption
 
+    def autocast(self, cuda: bool) -> Optional[str]:
+        """The autocast dtype of training and its attacks ("bfloat16"), or None for fp32."""
+        return "bfloat16" if self.amp == "bf16" or (self.amp == "auto" and cuda) else None
+
+    def use_channels_last(self, cuda: bool) -> bool:
+        return self.channels_last == "on" or (self.channels_last == "auto" and cuda)
+
 
 def _survey_budget(value: Any) -> float:
     eps = parse_budget(value)

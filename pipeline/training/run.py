@@ -79,8 +79,8 @@ def _train(cfg: Config, role: str, out: Path, dist, *, mask_stores: dict[str, st
     model = build_model(arch, ds.num_classes, ds.mean, ds.std, pretrained=optim.pretrained).to(device)
     perf = cfg.perf
     cuda = device.type == "cuda"
-    channels_last = perf.channels_last == "on" or (perf.channels_last == "auto" and cuda)
-    amp = torch.bfloat16 if perf.amp == "bf16" or (perf.amp == "auto" and cuda) else None
+    channels_last = perf.use_channels_last(cuda)
+    amp = getattr(torch, perf.autocast(cuda) or "", None)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     net = model
