@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install repro test bench clean-outputs
+.PHONY: install repro test bench gpu-check clean-outputs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) tools/install.py --venv $(VENV)   # uv when it can be had (seconds), pip otherwise
@@ -25,6 +25,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/salience_extraction.py
+
+# Everything GPU-specific in one call (8-minute budget on one H100); on a CPU, the same code at toy sizes.
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py --out benchmarks/out/gpu_check.json
 
 clean-outputs:
 	rm -rf data/prepared data/teacher data/masks data/student data/metrics
