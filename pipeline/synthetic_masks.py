@@ -168,6 +168,11 @@ def _load_teacher(checkpoint: Path, dataset: ImageDataset, device: torch.device,
     from pipeline.models import check_checkpoint_matches, load_checkpoint
 
     model, meta = load_checkpoint(checkpoint, device)
+    if meta.get("role", "teacher") != "teacher":
+        # SIP-S masks are the robust teacher's gradients (paper eq. 7); a student's would silently be others
+        raise DatasetError(f"{checkpoint} is a {meta.get('role')} checkpoint (strategy {meta.get('strategy')}), not "
+                           f"a teacher: synthetic masks come from the robust teacher (the teacher stage's "
+                           f"data/teacher/model.pt)")
     check_checkpoint_matches(meta, dataset, checkpoint)
     if meta.get("num_classes") not in (None, dataset.num_classes):
         raise DatasetError(f"teacher {checkpoint} has {meta['num_classes']} classes but dataset {dataset.name!r} "
@@ -185,7 +190,8 @@ def _load_teacher(checkpoint: Path, dataset: ImageDataset, device: torch.device,
         "rule": SYNTHETIC_RULE,
         "params": {"fraction": fraction, "target": target, "loss": "cross_entropy"},
         "teacher": {"checkpoint": str(checkpoint), "sha256": sha256_file(checkpoint),
-                    "arch": meta.get("arch"), "dataset": meta.get("dataset"),
+                    "arch": meta.get("arch"), "role": meta.get("role", "teacher"),
+                    "strategy": meta.get("strategy"), "dataset": meta.get("dataset"),
                     "dataset_fingerprint": meta.get("dataset_fingerprint")},
     }
     return model, attrs

@@ -12,7 +12,7 @@ import json
 import logging
 from pathlib import Path
 
-from pipeline.core.errors import DatasetError, expected_errors
+from pipeline.core.errors import DatasetError, OutputConflict, expected_errors
 
 log = logging.getLogger("stages.prepare")
 
@@ -25,7 +25,19 @@ def is_prepared(path: Path) -> bool:
         manifest = json.loads((path / MANIFEST).read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(manifest, dict) and {"dataset", "content"} <= manifest.keys()
+    if not (isinstance(manifest, dict) and {"dataset", "content"} <= manifest.keys()):
+        return False
+    from pipeline.core.utils import foreign_entries
+    from pipeline.data import DATASETS
+
+    # besides the manifest, only an embedded data set's own folder is this stage's
+    tree = {Path(spec.default_root).name for spec in (DATASETS.get(n) for n in DATASETS.names())
+            if spec.embedded_writer is not None and spec.default_root}
+    foreign = foreign_entries(path, lambda rel: rel == Path(MANIFEST) or rel.parts[0] in tree)
+    if foreign:
+        raise OutputConflict(f"{path} was written by this stage but also holds {', '.join(foreign[:3])}, which it "
+                             f"did not write; move them out (replacing the folder would delete them)")
+    return True
 
 
 def main() -> None:

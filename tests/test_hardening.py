@@ -369,7 +369,11 @@ def test_corrupt_resume_state_is_dropped_with_a_warning(tmp_path, caplog):
     from pipeline.training import TrainOptions, _load_resume
 
     resume = tmp_path / ".model.resume.pt"
-    resume.write_bytes(os.urandom(500))
+    from pipeline.training import RESUME_FORMAT
+
+    torch.save({"format": RESUME_FORMAT, "model": {"w": torch.zeros(3)}}, resume)
+    data = resume.read_bytes()
+    resume.write_bytes(data[: len(data) // 2])  # ours, truncated
     assert _load_resume(TrainOptions(device=torch.device("cpu"), resume_path=resume, resume_key="k")) is None
     assert not resume.exists() and "cannot be read" in caplog.text
 

@@ -195,20 +195,35 @@ def test_cifar_file_with_bytes_keys_says_what_it_found(tmp_path):
 
 
 def test_corrupt_resume_warning_gives_no_torch_advice(tmp_path, caplog):
+    """A resume state this project wrote that cannot be read is dropped with one warning, without torch's advice
+    to load it with weights_only=False."""
     import torch
 
-    from pipeline.training import TrainOptions, _load_resume
+    from pipeline.training import RESUME_FORMAT, TrainOptions, _load_resume
 
     resume = tmp_path / ".model.resume.pt"
-    for foreign in (True, False):
-        if foreign:  # torch's text for this one advises weights_only=False
-            torch.save({"x": Foreign()}, resume)
-        else:
-            resume.write_bytes(b"\0" * 300)
-        caplog.clear()
-        assert _load_resume(TrainOptions(device=torch.device("cpu"), resume_path=resume, resume_key="k")) is None
-        assert "cannot be read" in caplog.text and "weights_only" not in caplog.text, caplog.text
-        assert not resume.exists()
+    torch.save({"format": RESUME_FORMAT, "x": Foreign()}, resume)  # marked, but not loadable weights-only
+    assert _load_resume(TrainOptions(device=torch.device("cpu"), resume_path=resume, resume_key="k")) is None
+    assert "cannot be read" in caplog.text and "weights_only" not in caplog.text, caplog.text
+    assert not resume.exists()
+
+
+@pytest.mark.parametrize("content", [b"my notes\n", b"\0" * 300, "foreign-torch"])
+def test_a_users_file_at_the_resume_path_is_refused_and_kept(tmp_path, content):
+    import torch
+
+    from pipeline.core.errors import OutputConflict
+    from pipeline.training import TrainOptions, _load_resume
+
+    resume = tmp_path / ".s.resume.pt"
+    if content == "foreign-torch":
+        torch.save({"x": Foreign()}, resume)
+    else:
+        resume.write_bytes(content)
+    before = resume.read_bytes()
+    with pytest.raises(OutputConflict, match=r"\.s\.resume\.pt is where training keeps its resume state"):
+        _load_resume(TrainOptions(device=torch.device("cpu"), resume_path=resume, resume_key="k"))
+    assert resume.read_bytes() == before
 
 
 class Foreign:

@@ -150,13 +150,39 @@ def is_marked(path: str | Path, kind: Optional[str] = None) -> bool:
     return False
 
 
+def foreign_entries(folder: Path, expected: Callable[[Path], bool]) -> list[str]:
+    """Entries under `folder` (files and links, relative paths) that `expected` does not recognise as this
+    project's: replacing the folder would delete them."""
+    out = []
+    for path in sorted(Path(folder).rglob("*")):
+        if path.is_dir() and not path.is_symlink():
+            continue
+        rel = path.relative_to(folder)
+        if not expected(rel):
+            out.append(str(rel))
+    return out
+
+
+def _store_entry(rel: Path) -> bool:
+    """What a Zarr v3 mask store of this project holds: its zarr.json and chunks under c/ named by numbers."""
+    parts = rel.parts
+    return rel == Path("zarr.json") or (len(parts) >= 2 and parts[0] == "c" and all(p.isdigit() for p in parts[1:]))
+
+
 def is_sipat_store(path: Path) -> bool:
-    """A Zarr array whose attributes carry this project's format tag."""
+    """A Zarr array whose attributes carry this project's format tag, holding nothing but the store itself."""
     try:
         meta = json.loads((Path(path) / "zarr.json").read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(meta, dict) and str(meta.get("attributes", {}).get("format", "")).startswith("sipat-")
+    if not (isinstance(meta, dict) and str(meta.get("attributes", {}).get("format", "")).startswith("sipat-")):
+        return False
+    foreign = foreign_entries(Path(path), _store_entry)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise OutputConflict(f"{path} is a mask store of this project, but also holds {shown}, which this project "
+                             f"did not write; move them out (replacing the store would delete them)")
+    return True
 
 
 def _check_owned(final: Path, is_dir: bool, kind: Optional[str], owned: Optional[Callable[[Path], bool]]) -> None:

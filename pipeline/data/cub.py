@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -23,16 +23,36 @@ HOW_TO_GET = (
 INDEX_FILES = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt")
 
 
-def _read_index(path: Path, ncols: int) -> list[list[str]]:
-    rows = []
+def _read_table(path: Path, what: str, parse=lambda v: v) -> dict[int, Any]:
+    """`id value` lines as {id: parse(value)}; a non-integer id, a value `parse` rejects (ValueError) or an id
+    given twice is refused with the file and line."""
+    out: dict[int, Any] = {}
+    where: dict[int, int] = {}
     for lineno, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
-        parts = line.split(maxsplit=ncols - 1)
-        if len(parts) != ncols:
-            raise DatasetError(f"{path}:{lineno}: expected {ncols} fields, got {line!r}")
-        rows.append(parts)
-    return rows
+        parts = line.split(maxsplit=1)
+        if len(parts) != 2:
+            raise DatasetError(f"{path}:{lineno}: expected an id and {what}, got {line!r}")
+        key, raw = parts
+        try:
+            k = int(key)
+        except ValueError:
+            raise DatasetError(f"{path}:{lineno}: the id {key!r} is not a whole number") from None
+        if k in out:
+            raise DatasetError(f"{path}:{lineno}: id {k} given twice (first at line {where[k]})")
+        try:
+            out[k] = parse(raw.strip())
+        except ValueError:
+            raise DatasetError(f"{path}:{lineno}: {raw.strip()!r} is not {what}") from None
+        where[k] = lineno
+    return out
+
+
+def _split_flag(v: str) -> bool:
+    if v not in ("0", "1"):
+        raise ValueError(v)
+    return v == "1"
 
 
 def find_segmentations(root: Path) -> Optional[Path]:
@@ -42,9 +62,33 @@ def find_segmentations(root: Path) -> Optional[Path]:
     return None
 
 
+_WIDE = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535}
+
+
+def to_8bit(img: Image.Image, mode: str) -> Image.Image:
+    """`img` as 8-bit `mode` ("RGB" or "L"), whatever it was stored as; the one place every loader converts.
+
+    16-bit images (and 32-bit integer ones, which Pillow may open 16-bit PNGs as) are scaled to 0..255, not
+    clipped; a palette image used as a segmentation ("L") is an index map: index 0 is the background and every
+    other index the object (255); float images have no defined range and are refused, as are modes Pillow
+    cannot convert."""
+    m = img.mode
+    if m in _WIDE or m == "I":
+        arr = np.asarray(img, dtype=np.int64)
+        top = _WIDE.get(m) or (65535 if arr.max(initial=0) > 255 else 255)
+        out = Image.fromarray(np.clip(arr * 255 // top, 0, 255).astype(np.uint8), mode="L")
+        return out.convert(mode)
+    if m == "P" and mode == "L":
+        idx = np.asarray(img, dtype=np.uint8)
+        return Image.fromarray(np.where(idx != 0, 255, 0).astype(np.uint8), mode="L")
+    if m == "F":
+        raise ValueError("a 32-bit float image has no defined value range; store it as 8- or 16-bit")
+    return img.convert(mode)
+
+
 def resize_uint8(img: Image.Image, size: int, mode: str) -> torch.Tensor:
     """Resize a PIL image to size×size (bilinear) and return uint8 C×H×W."""
-    img = img.convert(mode).resize((size, size), Image.BILINEAR)
+    img = to_8bit(img, mode).resize((size, size), Image.BILINEAR)
     arr = np.asarray(img, dtype=np.uint8)
     if arr.ndim == 2:
         arr = arr[:, :, None]
@@ -69,10 +113,10 @@ class CUBDataset(ImageDataset):
         if not (self.root / "images").is_dir():
             raise DatasetError(f"{self.name}: {self.root / 'images'} does not exist. {HOW_TO_GET}")
 
-        images = {int(k): v for k, v in _read_index(self.root / "images.txt", 2)}
-        labels = {int(k): int(v) for k, v in _read_index(self.root / "image_class_labels.txt", 2)}
-        is_train = {int(k): v.strip() == "1" for k, v in _read_index(self.root / "train_test_split.txt", 2)}
-        classes = sorted((int(k), v) for k, v in _read_index(self.root / "classes.txt", 2))
+        images = _read_table(self.root / "images.txt", "an image path")
+        labels = _read_table(self.root / "image_class_labels.txt", "a class id (a whole number)", int)
+        is_train = _read_table(self.root / "train_test_split.txt", "1 (train) or 0 (test)", _split_flag)
+        classes = sorted(_read_table(self.root / "classes.txt", "a class name").items())
         for fname, table in (("image_class_labels.txt", labels), ("train_test_split.txt", is_train)):
             lost = sorted(set(images) - set(table))
             if lost:
@@ -104,7 +148,7 @@ class CUBDataset(ImageDataset):
                 return resize_uint8(img, self.image_size, "RGB")  # a few CUB images are grayscale
         except FileNotFoundError:
             raise DatasetError(f"{self.name}/{self.split}[{i}]: image file missing: {path}") from None
-        except (UnidentifiedImageError, OSError) as err:
+        except (UnidentifiedImageError, OSError, ValueError) as err:
             raise DatasetError(f"{self.name}/{self.split}[{i}]: cannot read image {path}: {err}") from None
 
     def segmentation_path(self, i: int) -> Path:

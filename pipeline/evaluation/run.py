@@ -68,7 +68,7 @@ def _evaluate(cfg: Config, checkpoint: Path, out: Path, info: D.DistInfo, partia
     attacks = attacks_for(meta["num_classes"], STANDARD_ATTACKS)
     key = {"format": PARTIAL_FORMAT, "checkpoint_sha256": ckpt_hash, "points_digest": digest,
            "eps": [float(e).hex() for e in eps_list], "seed": ev.seed, "chunk_size": ev.chunk_size,
-           "ladder": ev.ladder, "batch_size": ev.batch_size, "attacks": list(attacks)}
+           "ladder": ev.ladder, "attacks": list(attacks)}  # batch_size only sizes forward passes: not in the key
 
     done: dict[int, dict] = {}
     if info.is_main and partial_path is not None and Path(partial_path).is_file():

@@ -198,8 +198,16 @@ def integrity_problems(report: dict[str, Any], attrs: dict[str, Any]) -> list[st
                         f"{listed(report['corrupt'])}")
     if problems:
         return problems
-    totals = attrs.get("totals") or {}
-    recorded_empty = totals.get("empty_masks", attrs.get("coverage", {}).get("empty"))
+    totals = attrs.get("totals")
+    needed = ("chunk_digests", "salient_elements", "empty_masks")
+    if attrs.get("available") is False:
+        return problems  # a store that says it holds no masks is refused when opened, by its reason
+    if not isinstance(totals, dict) or any(k not in totals for k in needed):
+        # without its record nothing can tell a swapped or replaced chunk: the store is not to be trusted
+        lost = needed if not isinstance(totals, dict) else [k for k in needed if k not in totals]
+        return problems + [f"its integrity record is missing (attribute totals: {', '.join(lost)}), so swapped or "
+                           f"replaced chunks cannot be detected; write the store again"]
+    recorded_empty = totals.get("empty_masks")
     if recorded_empty is not None and int(recorded_empty) != report["empty_masks"]:
         problems.append(f"{report['empty_masks']} empty masks, but the store recorded {recorded_empty} when written")
     if "salient_elements" in totals and int(totals["salient_elements"]) != report["salient_elements"]:

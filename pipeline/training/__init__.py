@@ -192,6 +192,14 @@ def _load_resume(opts: TrainOptions) -> Optional[dict]:
         if not isinstance(state, dict) or "key" not in state:
             why = f"not a resume state (a {type(state).__name__})"
     if why is not None:
+        from pipeline.core.errors import OutputConflict
+        from pipeline.core.utils import is_marked
+
+        # ours, if damaged, still holds the format tag in its bytes (torch.save stores the pickle uncompressed)
+        ours = is_marked(path, "torch") or RESUME_FORMAT.encode() in Path(path).read_bytes()
+        if not ours:  # not a state this project wrote: never delete or replace it
+            raise OutputConflict(f"{path} is where training keeps its resume state, but it holds a file this "
+                                 f"project did not write ({why}); move it away, or set perf.resume: false")
         if opts.is_main:
             log.warning("ignoring %s and starting from epoch 1: it cannot be read (%s)", path, why)
             Path(path).unlink(missing_ok=True)
