@@ -23,7 +23,7 @@ err_console = Console(stderr=True)
 @contextlib.contextmanager
 def _errors() -> Iterator[None]:
     """Turn the library's expected failures into one red line and exit code 1 (no traceback)."""
-    from pipeline.core.errors import SipatError
+    from pipeline.core.errors import SipatError, storage_error
 
     try:
         yield
@@ -32,6 +32,12 @@ def _errors() -> Iterator[None]:
     except (SipatError, FileNotFoundError, ValueError, KeyError, RuntimeError) as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         err_console.print(f"[bold red]error:[/bold red] {escape(str(msg))}", soft_wrap=True)
+        raise typer.Exit(1) from None
+    except OSError as err:  # a full disk, a read-only folder: one line, not a traceback
+        text = storage_error(err)
+        if text is None:
+            raise
+        err_console.print(f"[bold red]error:[/bold red] {escape(text)}", soft_wrap=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted:[/bold red] nothing was written to the output")

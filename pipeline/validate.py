@@ -8,7 +8,7 @@ training. (Loading the config already checks every typed section, `evaluate` and
 from __future__ import annotations
 
 from pipeline.core.config import Config
-from pipeline.core.errors import ConfigError
+from pipeline.core.errors import ConfigError, SipatError
 from pipeline.data import DATASETS
 from pipeline.models import MODELS
 from pipeline.strategies import STRATEGIES, builtin, strategy_params  # noqa: F401  (builtin: every strategy)
@@ -28,5 +28,33 @@ def check_config(cfg: Config) -> None:
         strategy_params(cfg.train, cfg.attack, cfg.train.epochs)
     except ConfigError as err:
         problems.append(str(err))
+    if not problems:
+        problems += _pretrained_problems(cfg)
     if problems:
         raise ConfigError("\n".join(problems))
+
+
+def _pretrained_problems(cfg: Config) -> list[str]:
+    """ImageNet weights asked for (`train.pretrained`, `teacher.pretrained`) must be in the local torch cache
+    and the model must have them: found out now, not when the teacher or student starts."""
+    out = []
+    for key, arch, wanted in (("train.pretrained", cfg.model, cfg.train.pretrained),
+                              ("teacher.pretrained", cfg.teacher.model, cfg.teacher.pretrained)):
+        if not wanted:
+            continue
+        try:
+            MODELS.get(arch).factory(num_classes=2, pretrained=True)
+        except TypeError:
+            out.append(f"{key}: model {arch!r} has no pretrained weights; set {key}: false")
+        except (SipatError, FileNotFoundError, ValueError, RuntimeError) as err:
+            out.append(f"{key}: {err}")
+    return out
+
+
+def check_data(cfg: Config, train_split) -> None:
+    """What the parameters ask of the data: a strategy that reads human masks needs segmentations."""
+    strategy = STRATEGIES.get(cfg.strategy, "strategy")
+    if strategy.mask_kind == "human" and not getattr(train_split, "has_segmentations", False):
+        raise ConfigError(f"strategy: {cfg.strategy!r} trains with human masks, but dataset {cfg.dataset!r} has no "
+                          f"segmentations to make them from; choose another strategy (sip_s uses the teacher's "
+                          f"synthetic masks)")

@@ -13,9 +13,10 @@ import logging
 
 from pipeline.core.config import load_config
 from pipeline.core.errors import expected_errors
-from pipeline.core.utils import limit_threads, setup_logging
+from pipeline.core.utils import check_output, limit_threads, setup_logging
 from pipeline.data import load_dataset
 from pipeline.human_masks import extract_human, write_no_human_masks
+from pipeline.maskstore import packed_width
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,8 @@ def main() -> None:
     with expected_errors():
         cfg = load_config()
         dataset = load_dataset(cfg.dataset, cfg.data.root, "train", cfg.data.image_size)
+        # a user's folder, a read-only one or too little space for the uncompressed masks: refused now
+        check_output(args.out, is_dir=True, min_free=len(dataset) * packed_width(dataset.image_shape))
         if not dataset.has_segmentations:
             write_no_human_masks(dataset, args.out, root=cfg.data.root)
             return

@@ -13,9 +13,10 @@ import logging
 
 from pipeline.core.config import load_config
 from pipeline.core.errors import expected_errors
-from pipeline.core.utils import limit_threads, setup_logging
+from pipeline.core.utils import check_output, limit_threads, setup_logging
 from pipeline.data import load_dataset
 from pipeline.distributed import is_main
+from pipeline.maskstore import packed_width
 from pipeline.synthetic_masks import extract_synthetic
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,8 @@ def main() -> None:
     with expected_errors():
         cfg = load_config()
         dataset = load_dataset(cfg.dataset, cfg.data.root, "train", cfg.data.image_size)
+        # a user's folder, a read-only one or too little space for the uncompressed masks: refused now
+        check_output(args.out, is_dir=True, min_free=len(dataset) * packed_width(dataset.image_shape))
         attrs = extract_synthetic(args.teacher, dataset, args.out, root=cfg.data.root,
                                   fraction=cfg.salience.fraction, target=cfg.salience.target,
                                   batch_size=cfg.salience.batch_size, chunk_size=cfg.salience.chunk_size,

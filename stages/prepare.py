@@ -48,7 +48,7 @@ def main() -> None:
         from pipeline.core.config import load_config
         from pipeline.core.utils import atomic_path, limit_threads, setup_logging, write_json
         from pipeline.data import DATASETS, content_fingerprint, load_dataset
-        from pipeline.validate import check_config
+        from pipeline.validate import check_config, check_data
 
         setup_logging()
         limit_threads()  # SIPAT_CPUS / SLURM_CPUS_PER_TASK, where set
@@ -64,6 +64,7 @@ def main() -> None:
             else:
                 root = cfg.data.root
             splits = {s: load_dataset(cfg.dataset, root, s, cfg.data.image_size) for s in ("train", "test")}
+            check_data(cfg, splits["train"])  # e.g. sip_h on a data set without segmentations
             unreadable = [msg for ds in splits.values() for msg in ds.unreadable_images()]
             if unreadable:
                 shown = "; ".join(unreadable[:5]) + (f"; ... and {len(unreadable) - 5} more" if len(unreadable) > 5

@@ -149,6 +149,9 @@ PARAM_EFFECTS = {
     ("data", "image_size"): {"prepare", "teacher", "masks_synthetic", "masks_human", "train", "evaluate_teacher",
                              "evaluate", "survey_images_teacher", "survey_images_student"},
     ("data", "val_fraction"): {"teacher", "train"},
+    ("data", "split_seed"): {"train"},  # the student's split; the teacher has its own
+    ("teacher", "split_seed"): {"teacher"},
+    ("seed_scope",): {"evaluate"},  # recorded in the metrics (seed 0: every derived seed still agrees)
     ("attack", "steps"): {"teacher", "train"},
     ("teacher", "epochs"): {"teacher"},
     ("train", "epochs"): {"train"},
@@ -167,12 +170,13 @@ PARAM_EFFECTS = {
     ("evaluate", "batch_size"): set(),
     ("perf", "resume"): set(),
     ("data", "num_workers"): set(),
+    ("salience", "batch_size"): set(),
 }
 NEW_VALUES = {"strategy": "madry", "model": "resnet18", "seed": 7, "device": "cpu", "image_size": 12,
               "val_fraction": 0.2, "steps": 3, "epochs": 9, "fraction": 0.25, "chunk_size": 64,
               "threshold": 0.25, "n_examples": 10, "amp": "off", "per_class": 2, "eps": ["16/255", "32/255"],
               "teacher_eps": ["16/255"], "beta": 6.0, "workers": 3, "threads_per_worker": 2, "batch_size": 100,
-              "resume": False, "num_workers": 1}
+              "resume": False, "num_workers": 1, "split_seed": 3, "seed_scope": "split"}
 
 
 @pytest.mark.parametrize("key", list(PARAM_EFFECTS), ids=".".join)

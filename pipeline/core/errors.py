@@ -7,8 +7,9 @@ Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import contextlib
+import errno
 import sys
-from typing import Iterator
+from typing import Iterator, Optional
 
 
 class SipatError(Exception):
@@ -46,5 +47,32 @@ def expected_errors() -> Iterator[None]:
         yield
     except (SipatError, FileNotFoundError) as err:  # a missing input file names itself
         sys.exit(f"error: {err}")
+    except OSError as err:
+        text = storage_error(err)
+        if text is None:
+            raise
+        sys.exit(f"error: {text}")
+    except RuntimeError as err:  # torch.save reports a full disk as a RuntimeError of its zip writer
+        if "inline_container" not in str(err) and "file write failed" not in str(err):
+            raise
+        sys.exit(f"error: a file could not be written (is the disk full?): {str(err).splitlines()[0]}; nothing "
+                 f"was written to the stage's outputs")
     except KeyboardInterrupt:
         sys.exit("interrupted: nothing was written to the stage's outputs")
+
+
+_STORAGE = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+            errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+            errno.EPERM: "operation not permitted", errno.ENOTDIR: "a folder on the path is a file"}
+
+
+def storage_error(err: OSError) -> Optional[str]:
+    """One line for a write the disk or the permissions refused (None for any other OSError)."""
+    import os
+
+    why = _STORAGE.get(err.errno or -1)
+    if why is None:
+        return None
+    detail = f" ({err.strerror})" if err.strerror and err.strerror != os.strerror(err.errno) else ""
+    where = f" writing {err.filename}" if err.filename else ""
+    return f"{why}{where}{detail}; nothing was written to the outputs (free space, or choose another path)"

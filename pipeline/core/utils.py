@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -221,9 +222,26 @@ def _check_owned(final: Path, is_dir: bool, kind: Optional[str], owned: Optional
 
 
 def check_output(path: str | Path, *, is_dir: bool = False, kind: Optional[str] = None,
-                 owned: Optional[Callable[[Path], bool]] = None) -> None:
-    """Fail (OutputConflict) now, before any work, if `atomic_path` would later refuse to replace `path`."""
-    _check_owned(Path(path), is_dir, kind, owned)
+                 owned: Optional[Callable[[Path], bool]] = None, min_free: int = 0) -> None:
+    """Fail now, before any work, if `atomic_path` would later refuse to replace `path` (OutputConflict), if its
+    folder cannot be written (OSError: read-only, no permission) or has less than `min_free` bytes free."""
+    path = Path(path)
+    _check_owned(path, is_dir, kind, owned)
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    # a real write, not os.access: root passes access checks that a read-only mount still refuses
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
+    except OSError as err:
+        raise OSError(err.errno, f"{path} cannot be written: no file can be created in {folder}", str(path)) from None
+    os.close(fd)
+    os.unlink(probe)
+    if min_free:
+        free = shutil.disk_usage(folder).free
+        if free < min_free:
+            raise OSError(errno.ENOSPC, f"{free / 2**20:.1f} MiB free in {folder}, about "
+                          f"{min_free / 2**20:.1f} MiB needed", str(path))
 
 
 def _alive(owner: Path) -> bool:

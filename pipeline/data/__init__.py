@@ -243,16 +243,26 @@ class BatchIterator:
     def local_batch_size(self) -> int:
         return self.batch_size // self.world_size
 
+    def _batches(self) -> list[torch.Tensor]:
+        batches = list(torch.split(self._order(), self.local_batch_size))
+        if self.drop_last and batches and len(batches[-1]) < self.local_batch_size:
+            batches.pop()
+        elif self.shuffle and len(batches) > 1 and len(batches[-1]) == 1:
+            # a training batch of one sample breaks batch norm ("Expected more than 1 value per channel"):
+            # it joins the batch before it, so every sample is still seen once per epoch
+            batches[-2:] = [torch.cat(batches[-2:])]
+        return batches
+
     def __len__(self) -> int:
         n = -(-len(self.indices) // self.world_size)
         b = self.local_batch_size
-        return n // b if self.drop_last else -(-n // b)
+        if self.drop_last:
+            return n // b
+        full = -(-n // b)
+        return full - 1 if self.shuffle and full > 1 and n % b == 1 else full
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        order = self._order()
-        batches = list(torch.split(order, self.local_batch_size))
-        if self.drop_last and batches and len(batches[-1]) < self.local_batch_size:
-            batches.pop()
+        batches = self._batches()
         cache = self.dataset._cache
         if cache is not None:
             for idx in batches:

@@ -13,7 +13,7 @@ from typing import Any, Optional
 import torch
 
 from pipeline.core.config import Config, ConfigError, format_budget
-from pipeline.core.utils import resolve_device, seed_everything
+from pipeline.core.utils import check_output, resolve_device, seed_everything
 from pipeline.data import BatchIterator, load_dataset, split_fingerprints, train_val_split
 from pipeline.models import MODELS, build_model, save_checkpoint
 from pipeline.strategies import make_strategy
@@ -77,6 +77,10 @@ def _train(cfg: Config, role: str, out: Path, dist, *, mask_stores: dict[str, st
     val_batches = BatchIterator(ds, val_idx, max(optim.batch_size, 256), shuffle=False,
                                 num_workers=cfg.data.num_workers, pin_memory=pin)
     model = build_model(arch, ds.num_classes, ds.mean, ds.std, pretrained=optim.pretrained).to(device)
+    if dist.is_main:
+        # checkpoint, resume state (weights, momentum, best weights) and their temporaries: before epoch 1
+        weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        check_output(out, kind="torch", min_free=6 * weights + 2**20)
     perf = cfg.perf
     cuda = device.type == "cuda"
     channels_last = perf.use_channels_last(cuda)
