@@ -39,17 +39,62 @@ def _flat(obj: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: obj}
 
 
-def _composed(config_dir: str, config_name: str) -> dict[str, Any]:
-    """conf/ composed without overrides, in a separate process (this one is inside DVC's composition)."""
-    import yaml
-
+def _compose_text(config_dir: str, config_name: str, overrides: list[str]) -> str:
+    """params.yaml as DVC's composition writes it, in a separate process (this one is inside DVC's
+    composition); raises CalledProcessError when the composition fails."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "params.yaml"
         code = ("import sys; from dvc.utils.hydra import compose_and_dump; "
-                "compose_and_dump(sys.argv[1], sys.argv[2], None, sys.argv[3], sys.argv[4], [])")
-        subprocess.run([sys.executable, "-c", code, str(out), config_dir, config_name, tmp], check=True,
-                       env={**os.environ, _SKIP: "1"}, cwd=tmp, capture_output=True)
-        return yaml.safe_load(out.read_text()) or {}
+                "compose_and_dump(sys.argv[1], sys.argv[2], None, sys.argv[3], sys.argv[4], sys.argv[5:])")
+        subprocess.run([sys.executable, "-c", code, str(out), config_dir, config_name, tmp, *overrides],
+                       check=True, env={**os.environ, _SKIP: "1"}, cwd=tmp, capture_output=True)
+        return out.read_text()
+
+
+def _composed(config_dir: str, config_name: str) -> dict[str, Any]:
+    """conf/ composed without overrides."""
+    import yaml
+
+    return yaml.safe_load(_compose_text(config_dir, config_name, [])) or {}
+
+
+def _record_path(params: Path) -> Path:
+    return params.parent / ".dvc" / "tmp" / "sipat-composed-params.json"
+
+
+def _digest(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def _recorded(params: Path) -> set[str]:
+    import json
+
+    try:
+        return set(json.loads(_record_path(params).read_text()))
+    except (OSError, ValueError, TypeError):
+        return set()
+
+
+def remember(params: Path, config_dir: str, config_name: str, overrides: list[str]) -> None:
+    """Record the digest of what this composition is about to write, so that a params.yaml left behind by a
+    failed `dvc exp run -S` is known as DVC's, not as the user's edits (the record lives in .dvc/tmp)."""
+    import json
+
+    try:
+        text = _compose_text(config_dir, config_name, list(overrides))
+    except Exception:  # noqa: BLE001 - a composition that fails writes nothing to remember
+        return
+    seen = sorted(_recorded(params) | {_digest(text.encode())})[-200:]
+    path = _record_path(params)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(seen))
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 def _written_by_an_experiment(params: Path) -> bool:
@@ -73,10 +118,19 @@ def check(output_file: str | Path, config_dir: Optional[str], config_name: str) 
     params = Path(output_file)
     if config_dir is None or not params.is_file() or params.suffix.lower() not in (".yaml", ".yml"):
         return None
+    if _digest(params.read_bytes()) in _recorded(params):
+        return None  # written by an earlier composition (a failed `dvc exp run -S` leaves its own behind)
     try:
         current = _flat(yaml.safe_load(params.read_text()) or {})
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        return (f"{params.name} does not parse{line}: `dvc exp run -S` would replace it from "
+                f"{Path(config_dir).name}/ and lose whatever it holds. Fix it first, or restore it with "
+                f"`git checkout {params.name}` ({_SKIP}=1 lets the composition replace it)")
+    try:
         composed = _flat(_composed(config_dir, config_name))
-    except Exception:  # noqa: BLE001 - a broken conf/ or params.yaml is reported by the composition itself
+    except Exception:  # noqa: BLE001 - a broken conf/ is reported by the composition itself
         return None
     differ = sorted(k for k in current.keys() | composed.keys() if current.get(k, ...) != composed.get(k, ...))
     if not differ or _written_by_an_experiment(params):
@@ -100,6 +154,9 @@ def _guard() -> None:
         from dvc.exceptions import DvcException
 
         raise DvcException(msg)
+    if call.get("config_dir") is not None:
+        remember(Path(call["output_file"]), call["config_dir"], call.get("config_name", "config"),
+                 list(call.get("overrides") or []))
 
 
 _guard()

@@ -420,6 +420,9 @@ class CellJob:
                 prepared = True
                 _write_state(folder, "running", prepared=True)
             if not _has_experiment(repo, cell.name):
+                # an earlier attempt that failed leaves its composed params.yaml: back to the baseline's, so the
+                # rerun composes from the same start as the first run did
+                _run_logged(["git", "checkout", "-q", grid.rev, "--", "params.yaml"], repo, env)
                 _run_logged([_tool("dvc"), *_exp_run(grid, cell)[1:]], repo, env)
             _push(repo, cell.name, env)
         except BaseException as err:

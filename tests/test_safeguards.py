@@ -332,9 +332,11 @@ def test_exp_run_refuses_to_discard_edits_of_params_yaml(tmp_path):
     (tmp_path / "conf").mkdir()
     (tmp_path / "conf" / "config.yaml").write_text("a: 1\nsection: {b: 2, c: 8/255}\n")
     (tmp_path / "params.yaml").write_text("a: 1\nsection:\n  b: 2\n  c: 8/255\n")
-    (tmp_path / "dvc.yaml").write_text(
-        "stages:\n  s:\n    cmd: python -c \"import shutil; shutil.copy('params.yaml', 'out.txt')\"\n"
-        "    params: [a, section]\n    outs: [out.txt]\n")
+    (tmp_path / "stage.py").write_text(  # fails when a is 9
+        "import shutil, sys\nif 'a: 9' in open('params.yaml').read():\n    sys.exit(1)\n"
+        "shutil.copy('params.yaml', 'out.txt')\n")
+    (tmp_path / "dvc.yaml").write_text("stages:\n  s:\n    cmd: python stage.py\n    deps: [stage.py]\n"
+                                       "    params: [a, section]\n    outs: [out.txt]\n")
     (tmp_path / ".gitignore").write_text("__pycache__/\n")
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "hydra.enabled", "true"],
                 ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
@@ -349,3 +351,15 @@ def test_exp_run_refuses_to_discard_edits_of_params_yaml(tmp_path):
         assert r.returncode != 0 and len(err) == 1, r.stderr
         assert "params.yaml differs from the composition of conf/ in section.b" in err[0] and "-S" in err[0]
         assert (tmp_path / "params.yaml").read_text() == edited  # the edit is kept
+    # an edit next to a line that does not parse: refused, not rewritten from conf/
+    broken = "a: 1\nsection:\n  b: 5\n  c: 8/255\noops: [unclosed\n"
+    (tmp_path / "params.yaml").write_text(broken)
+    r = run("dvc", "exp", "run", "-S", "a=3")
+    assert r.returncode != 0 and "params.yaml does not parse (line" in r.stderr, r.stderr
+    assert (tmp_path / "params.yaml").read_text() == broken
+    # a run that fails leaves DVC's composition behind: the next run is not refused over edits nobody made
+    (tmp_path / "params.yaml").write_text("a: 1\nsection:\n  b: 2\n  c: 8/255\n")
+    assert run("dvc", "exp", "run", "-S", "a=9").returncode != 0
+    assert "a: 9" in (tmp_path / "params.yaml").read_text()
+    r = run("dvc", "exp", "run", "-S", "a=3")
+    assert r.returncode == 0, r.stderr
