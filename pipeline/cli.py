@@ -431,7 +431,7 @@ def report(
     """
     import os
 
-    from pipeline.core.utils import TEXT_MARK, atomic_path
+    from pipeline.core.utils import TEXT_MARK, atomic_path, check_output
     from pipeline.figures import plot_comparison
     from pipeline.report import compare, load_metrics_dir, plot_path, to_markdown
 
@@ -453,6 +453,9 @@ def report(
         if readme is not None:
             _publish(readme, metrics_dir, groups, plots, check)
             return
+        check_output(out_md, kind="text")  # a user's file there is refused before any plot is written
+        for p in plots.values():
+            check_output(p, kind="png")
         for g in groups:
             plot_comparison(g, plots[g.slug])
         md = to_markdown(groups, {s: os.path.relpath(p, out_md.parent) for s, p in plots.items()})
@@ -476,7 +479,7 @@ def metrics(
 ) -> None:
     """Clean and AutoAttack robust accuracy (%) of evaluated models, one row per metrics file
     ([bold]dvc metrics show[/bold] lists every key, including the per-attack breakdown)."""
-    from pipeline.report import is_metrics, summary_table
+    from pipeline.report import is_metrics, metrics_problem, summary_table
 
     with _errors():
         paths = files or _stage_metrics()
@@ -490,6 +493,9 @@ def metrics(
                 raise ValueError(f"{path} is not valid JSON: {err}") from None
             if not is_metrics(obj):
                 raise ValueError(f"{path} is not an evaluation result (no clean_acc / robust_acc)")
+            problem = metrics_problem(obj)
+            if problem is not None:
+                raise ValueError(f"{path}: {problem}")
             runs[path.stem if path.stem not in runs else str(path)] = obj
         head, rows = summary_table(runs)
     table = Table(title="accuracy (%): clean, and AutoAttack (standard, L∞) at each ε", box=box.SIMPLE_HEAD)

@@ -42,6 +42,19 @@ def is_metrics(obj: Any) -> bool:
     return isinstance(obj, dict) and "clean_acc" in obj and isinstance(obj.get("robust_acc"), dict)
 
 
+def metrics_problem(obj: dict[str, Any]) -> Optional[str]:
+    """Why an evaluation result cannot be used (an accuracy that is no number in [0, 1]), or None."""
+    def bad(v: Any) -> bool:
+        return isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0
+
+    if bad(obj.get("clean_acc")):
+        return f"clean_acc is {obj.get('clean_acc')!r}, not an accuracy in [0, 1]"
+    wrong = [k for k, v in obj["robust_acc"].items() if v is not None and bad(v)]
+    if wrong:
+        return f"robust_acc.{wrong[0]} is {obj['robust_acc'][wrong[0]]!r}, not an accuracy in [0, 1]"
+    return None
+
+
 def _is_student(obj: Any) -> bool:
     return is_metrics(obj) and obj.get("role", "student") == "student"
 
@@ -56,6 +69,10 @@ def load_metrics_dir(folder: str | Path) -> list[dict[str, Any]]:
             log.warning("skipping %s: %s", path, err)
             continue
         if _is_student(obj):
+            problem = metrics_problem(obj)
+            if problem is not None:
+                log.warning("skipping %s: %s", path, problem)
+                continue
             rows.append(dict(obj, source=str(path)))
     return rows
 
@@ -78,6 +95,10 @@ def rows_from_experiments(exp_rows: list[dict[str, Any]], read: Callable[[str], 
         except (FileNotFoundError, json.JSONDecodeError, OSError, KeyError):
             continue  # never evaluated
         if _is_student(metrics):
+            problem = metrics_problem(metrics)
+            if problem is not None:
+                log.warning("skipping the metrics of %s: %s", row.get("Experiment") or rev, problem)
+                continue
             out.append(dict(metrics, source=row.get("Experiment") or rev))
     return out
 

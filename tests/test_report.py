@@ -286,3 +286,22 @@ def test_metrics_reads_the_evaluation_files_dvc_yaml_declares(tmp_path, monkeypa
     res = CliRunner().invoke(app, ["metrics"])
     assert res.exit_code == 0, res.output
     assert "sip_s" in res.output and "90.00" in res.output and "survey" not in res.output
+
+
+def test_metrics_that_are_no_accuracies_are_named_not_counted(metrics_dir, tmp_path, caplog):
+    bad = metrics("madry", 5, "abc", {"4/255": 0.7, "8/255": 0.5})
+    (metrics_dir / "bad.json").write_text(json.dumps(bad))
+    rows = load_metrics_dir(metrics_dir)
+    assert all(r["source"] != str(metrics_dir / "bad.json") for r in rows)
+    assert "bad.json: clean_acc is 'abc', not an accuracy in [0, 1]" in caplog.text
+    res = CliRunner().invoke(app, ["metrics", str(metrics_dir / "bad.json")])
+    assert res.exit_code == 1 and "bad.json: clean_acc is 'abc'" in " ".join(res.output.split())
+
+
+def test_report_refuses_a_users_markdown_before_writing_any_plot(metrics_dir, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# my project\n")
+    res = CliRunner().invoke(app, ["report", "--metrics-dir", str(metrics_dir), "--out", str(readme), "--plot",
+                                   str(tmp_path / "p.png")])
+    assert res.exit_code == 1 and "was not written by this project" in " ".join(res.output.split())
+    assert readme.read_text() == "# my project\n" and not list(tmp_path.glob("p_*.png"))

@@ -31,7 +31,7 @@ def test_stage_inputs_are_the_code_and_keys_of_prepare_to_evaluate():
     assert {"stages/train.py", "stages/evaluate.py", "pipeline/training", "pipeline/evaluation",
             "pipeline/strategies", "pipeline/synthetic_masks.py"} <= set(code)
     assert not any(c.startswith("data/") for c in code) and "stages/survey_images.py" not in code
-    assert {"train", "attack", "evaluate.eps", "evaluate.n_examples", "teacher", "salience"} <= set(keys)
+    assert {"train", "attack", "evaluate.eps", "evaluate.n_examples", "teacher", "salience.fraction"} <= set(keys)
     assert "strategy" not in keys and "seed" not in keys  # what varies between a grid's cells
 
 
