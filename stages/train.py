@@ -8,6 +8,7 @@ Runs under `torchrun` too (DistributedDataParallel; only rank 0 writes).
 """
 
 import argparse
+from pathlib import Path
 
 from pipeline.core.config import load_config
 from pipeline.core.errors import ConfigError, expected_errors
@@ -18,13 +19,24 @@ from pipeline.training.curves import plot_history
 from pipeline.training.run import train_run
 
 
-def _masks(items: list[str]) -> dict[str, str]:
+def _masks(items: list[str], record: str | None) -> dict[str, str]:
     stores = {}
     for item in items:
         kind, sep, path = item.partition("=")
         if not sep or not kind or not path:
             raise ConfigError(f"--masks expects KIND=PATH (e.g. synthetic=data/masks/synthetic.zarr), got {item!r}")
         stores[kind] = path
+    if record is not None:  # the student_masks stage's record: the one store this strategy reads
+        import json
+
+        from pipeline.maskstore import store_digest
+
+        rec = json.loads(Path(record).read_text())
+        if rec.get("kind") is not None:
+            if store_digest(rec["store"]) != rec.get("digest"):
+                raise ConfigError(f"mask store {rec['store']} changed since {record} was written: run `dvc repro` "
+                                  f"(the student_masks stage records the store the student reads)")
+            stores[rec["kind"]] = rec["store"]
     return stores
 
 
@@ -36,6 +48,8 @@ def main() -> None:
     parser.add_argument("--plot", help="the same curves as a PNG to write (opens with no network)")
     parser.add_argument("--masks", action="append", default=[], metavar="KIND=PATH",
                         help="mask store of each kind a strategy may read (synthetic, human)")
+    parser.add_argument("--masks-from", metavar="JSON", help="the student_masks stage's record of the one store "
+                        "the strategy reads (what dvc.yaml passes)")
     args = parser.parse_args()
     setup_logging()
     limit_threads()  # SIPAT_CPUS / SLURM_CPUS_PER_TASK, where set
@@ -45,7 +59,7 @@ def main() -> None:
         if args.plot:
             check_output(args.plot, kind="png")
         cfg = load_config()
-        summary = train_run(cfg, args.role, args.out, mask_stores=_masks(args.masks))
+        summary = train_run(cfg, args.role, args.out, mask_stores=_masks(args.masks, args.masks_from))
     if is_main():  # under torchrun only rank 0 writes
         write_json(args.history, {"history": summary["history"]})
         if args.plot:

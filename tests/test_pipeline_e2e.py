@@ -141,7 +141,7 @@ def test_an_edit_reruns_exactly_the_stages_that_run_the_edited_code(tiny_repo):
 
 # Which stages a change of each parameter reruns (directly; their consumers follow when they run).
 PARAM_EFFECTS = {
-    ("strategy",): {"train"},
+    ("strategy",): {"student_masks", "train"},
     ("model",): {"train"},
     ("seed",): {"train"},
     ("device",): {"teacher", "masks_synthetic", "train", "evaluate_teacher", "evaluate", "survey_images_teacher",
@@ -195,6 +195,24 @@ def test_a_parameter_change_reruns_exactly_the_stages_that_read_it(tiny_repo, ke
         assert _status(root, env) == PARAM_EFFECTS[key]
     finally:
         params_file.write_text(original)
+
+
+def test_a_sip_s_student_is_not_retrained_when_the_human_masks_change(tiny_repo):
+    """train reads the record of the one store its strategy reads (student_masks), not both stores."""
+    root, env = tiny_repo
+    params_file = root / "params.yaml"
+    original = params_file.read_text()
+    params = yaml.safe_load(original)
+    assert params["strategy"] == "sip_s"
+    params["human_masks"]["threshold"] = 0.25
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        out = _run(["dvc", "repro"], root, env)
+        assert "Running stage 'masks_human'" in out and "Running stage 'student_masks'" in out, out
+        assert "Running stage 'train'" not in out and "Running stage 'evaluate'" not in out, out
+    finally:
+        params_file.write_text(original)
+        _run(["dvc", "repro"], root, env)
 
 
 def test_another_strategys_parameter_does_not_rerun_the_evaluation(tiny_repo):

@@ -226,6 +226,14 @@ def integrity_problems(report: dict[str, Any], attrs: dict[str, Any]) -> list[st
     return problems
 
 
+def store_digest(path: str | Path) -> str:
+    """A digest of a store's content: its zarr.json, which records every chunk's digest and the totals."""
+    meta = Path(path) / "zarr.json"
+    if not meta.is_file():
+        raise MaskStoreError(f"mask store {path} does not exist (create it with `dvc repro` or `sipat masks ...`)")
+    return hashlib.sha256(meta.read_bytes()).hexdigest()
+
+
 def verify_store(path: str | Path) -> tuple[dict[str, Any], list[str]]:
     """Read a whole store and compare it with its own record: (scan report, problems; empty when sound)."""
     path = Path(path)
