@@ -82,6 +82,8 @@ def remember(params: Path, config_dir: str, config_name: str, overrides: list[st
     failed `dvc exp run -S` is known as DVC's, not as the user's edits (the record lives in .dvc/tmp)."""
     import json
 
+    if not (params.parent / ".dvc").is_dir():
+        return  # not a DVC project's params.yaml: nothing to record, and no .dvc/ to create
     try:
         text = _compose_text(config_dir, config_name, list(overrides))
     except Exception:  # noqa: BLE001 - a composition that fails writes nothing to remember

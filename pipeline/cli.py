@@ -554,16 +554,19 @@ def grid_run(
             seed_list = [int(s) for s in _csv(seeds)]
         except ValueError:
             raise typer.BadParameter(f"expected integers, got {seeds!r}", param_hint="--seeds") from None
-        grid = g.plan(Path.cwd(), protocol, _csv(strategies), seed_list, overrides or [], executor=executor.value,
-                      name=name, workdir=workdir, resources=resources or [], shared_from=shared_from)
+        grid, problems = g.plan(Path.cwd(), protocol, _csv(strategies), seed_list, overrides or [],
+                                executor=executor.value, name=name, workdir=workdir, resources=resources or [],
+                                shared_from=shared_from, jobs=jobs)
+        if problems:  # nothing is submitted unless every cell can run
+            for line in problems:
+                err_console.print(f"[bold red]error:[/bold red] {escape(line)}", soft_wrap=True, highlight=False)
+            err_console.print(f"nothing submitted ({len(problems)} problem(s))")
+            raise typer.Exit(1)
         for line in g.describe(grid):
             console.print(escape(line), soft_wrap=True, highlight=False)
         if dry_run:
             console.print("[yellow]dry run:[/yellow] nothing submitted")
             return
-        if Path(grid.workdir, "grid.json").exists():
-            raise RuntimeError(f"grid {grid.name} exists ({grid.workdir}): `sipat grid resume {grid.name}`")
-        grid.jobs = jobs
         g.submit(grid)
         if executor is ExecutorChoice.local:
             g.start_local_workers(grid, jobs)

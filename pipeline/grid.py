@@ -24,12 +24,12 @@ import shlex
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.core.utils import MARK_KEY, write_json
 from pipeline.provenance import processor
@@ -100,8 +100,9 @@ def load_resources(repo: Path, protocol: str, overrides: list[str]) -> JobResour
         apply(_nest(key.split("."), parsed), f"resource override {item!r}")
     try:
         return JobResources(**merged)
-    except Exception as err:  # pydantic names the key and the value
-        raise ValueError(f"resources for protocol {protocol!r}: {err}") from None
+    except ValidationError as err:  # one line per bad key, without pydantic's links
+        lines = [f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']} (got {e.get('input')!r})" for e in err.errors()]
+        raise ValueError(f"resources for protocol {protocol!r}: " + "; ".join(lines)) from None
 
 
 def _nest(keys: list[str], value: Any) -> dict[str, Any]:
@@ -157,9 +158,24 @@ class Grid:
         path = workdir / "grid.json"
         if not path.is_file():
             raise FileNotFoundError(f"no grid in {workdir} (grid.json missing)")
-        raw = json.loads(path.read_text())
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from None
         raw.pop(MARK_KEY, None)  # the mark every JSON this project writes carries
-        raw["cells"] = [Cell(**c) for c in raw["cells"]]
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        missing = sorted(f.name for f in fields(cls) if f.name not in raw and f.default is MISSING
+                         and f.default_factory is MISSING)
+        if unknown or missing:
+            raise ValueError(f"{path}: " + "; ".join(
+                ([f"unknown key(s) {', '.join(unknown)}"] if unknown else [])
+                + ([f"missing key(s) {', '.join(missing)}"] if missing else []))
+                + " (a grid.json written by another version of sipat?)")
+        try:
+            raw["cells"] = [Cell(**c) for c in raw["cells"]]
+        except TypeError as err:
+            raise ValueError(f"{path}: a cell is malformed ({err})") from None
         return cls(**raw)
 
 
@@ -188,42 +204,134 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 def plan(repo: Path, protocol: str, strategies: list[str], seeds: list[int], overrides: list[str], *,
          executor: str, name: Optional[str], workdir: Optional[Path], resources: list[str],
-         shared_from: Optional[str] = None) -> Grid:
-    """The grid to submit: one cell per (strategy, seed), nothing written yet. ``shared_from``: the name or work
-    folder of an earlier grid of the same baseline, protocol and overrides whose teacher and masks to use."""
+         shared_from: Optional[str] = None, jobs: int = 1) -> tuple[Grid, list[str]]:
+    """The grid to submit (nothing written yet) and every problem that would make any of it fail, one line each
+    (`validate`); submit only when there are none. ``shared_from``: the name or work folder of an earlier grid of
+    the same baseline whose teacher and masks to use."""
     repo = repo.resolve()
     if not (repo / "dvc.yaml").is_file() or not (repo / ".dvc").is_dir():
         raise FileNotFoundError(f"{repo} is not a DVC project (dvc.yaml, .dvc/): run this in the project's root")
+    if _git(repo, "status", "--porcelain", "--untracked-files=no"):
+        raise RuntimeError(f"{repo} has uncommitted changes: commit them first, each job starts from the commit")
+    problems: list[str] = []
     if not strategies or not seeds:
-        raise ValueError("a grid needs at least one strategy and one seed")
+        problems.append("a grid needs at least one strategy and one seed")
+    for values, what in ((strategies, "--strategies"), (seeds, "--seeds")):
+        twice = sorted({str(v) for v in values if values.count(v) > 1})
+        if twice:
+            problems.append(f"{what}: {', '.join(twice)} given twice (each cell must have its own name)")
     for o in overrides:
         key = o.partition("=")[0]
         if "=" not in o or key in ("protocol", "strategy", "seed"):
-            raise ValueError(f"-S {o!r}: expected KEY=VALUE, and protocol, strategy and seed have their own options")
-    if _git(repo, "status", "--porcelain", "--untracked-files=no"):
-        raise RuntimeError(f"{repo} has uncommitted changes: commit them first, each job starts from the commit")
+            problems.append(f"-S {o!r}: expected KEY=VALUE, and protocol, strategy and seed have their own options")
+    if jobs < 1:
+        problems.append(f"--jobs {jobs}: at least one experiment must run at a time")
     rev = _git(repo, "rev-parse", "HEAD")
     name = name or f"{protocol}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
     if not _NAME.match(name):
-        raise ValueError(f"grid name {name!r}: letters, digits, '.', '_' and '-' only")
+        problems.append(f"grid name {name!r}: letters, digits, '.', '_' and '-' only")
     workdir = (workdir or repo / ".grid" / name).resolve()
-    res = load_resources(repo, protocol, resources)
-    # seed by seed: a grid stopped half-way holds every strategy of its first seeds, each paired with the others
-    cells = [Cell(f"{name}-{s}-s{seed}", s, seed) for seed in seeds for s in strategies]
+    if workdir.exists() and not workdir.is_dir():
+        problems.append(f"--workdir {workdir} is a file, not a folder")
+    elif (workdir / "grid.json").exists():
+        problems.append(f"grid {name} exists ({workdir}): `sipat grid resume {name}`")
+    try:
+        res = load_resources(repo, protocol, resources).model_dump()
+    except ValueError as err:
+        problems.append(str(err))
+        res = JobResources().model_dump()
+    cells = [Cell(f"{name}-{st}-s{seed}", st, seed) for seed in dict.fromkeys(seeds)
+             for st in dict.fromkeys(strategies)]  # seed by seed: a grid stopped half-way holds whole seeds
     grid = Grid(name=name, repo=str(repo), rev=rev, cache=str(_dvc_cache_dir(repo)), workdir=str(workdir),
-                executor=executor, protocol=protocol, overrides=list(overrides), resources=res.model_dump(),
-                cells=cells, processor=processor())
+                executor=executor, protocol=protocol, overrides=list(overrides), resources=res,
+                cells=cells, processor=processor(), jobs=jobs)
     if shared_from is not None:
         if executor != "slurm":
-            raise ValueError("--shared-from needs --executor slurm")
-        other = find_grid(repo, None if "/" in shared_from else shared_from,
-                          Path(shared_from) if "/" in shared_from else None)
-        if (other.rev, other.base_overrides) != (grid.rev, grid.base_overrides):
-            raise ValueError(f"grid {other.name} was built from {other.rev[:10]} with "
-                             f"{' '.join(other.base_overrides)}, not {grid.rev[:10]} with "
-                             f"{' '.join(grid.base_overrides)}: its teacher and masks do not fit this grid")
-        grid.shared_from, grid.shared_job_id, grid.shared_log = other.workdir, other.shared_job_id, other.shared_log
-    return grid
+            problems.append("--shared-from needs --executor slurm (a local grid's runs share the teacher through "
+                            "DVC's run cache)")
+        else:
+            try:
+                other = find_grid(repo, None if "/" in shared_from else shared_from,
+                                  Path(shared_from) if "/" in shared_from else None)
+                problems += _shared_mismatch(grid, other)
+                grid.shared_from, grid.shared_job_id = other.workdir, other.shared_job_id
+                grid.shared_log = other.shared_log
+            except (FileNotFoundError, ValueError) as err:
+                problems.append(f"--shared-from {shared_from}: {err}")
+    if not any(p.startswith(("-S ", "a grid needs")) for p in problems):
+        problems += _cell_problems(grid)
+    if executor == "local" and not problems:
+        taken = sorted({c.name for c in cells} & _taken_names(repo))
+        if taken:
+            problems.append(f"experiment name(s) already used in this repository: {', '.join(taken[:5])}"
+                            + (f" and {len(taken) - 5} more" if len(taken) > 5 else "")
+                            + " (another grid of this name? choose another --name, or `dvc exp remove` them)")
+    return grid, problems
+
+
+def _compose(repo: Path, protocol: str, overrides: list[str]) -> dict[str, Any]:
+    from pipeline.results import compose
+
+    return compose(repo, protocol, overrides)
+
+
+def _cell_problems(grid: Grid) -> list[str]:
+    """Each cell's parameters composed as its job will compose them, then checked as `prepare` checks them."""
+    from pipeline.core.config import config_from_dict
+    from pipeline.core.errors import ConfigError
+    from pipeline.validate import check_config
+
+    problems: list[str] = []
+    seen: set[str] = set()
+    for cell in grid.cells:
+        where = f"{cell.name} (-S " + " -S ".join(grid.cell_overrides(cell)) + ")"
+        try:
+            params = _compose(Path(grid.repo), grid.protocol, [*grid.overrides, f"strategy={cell.strategy}",
+                                                               f"seed={cell.seed}"])
+            check_config(config_from_dict(params, "the composed parameters"))
+        except ConfigError as err:
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()
+                     and not line.startswith("invalid parameters in")]
+        except Exception as err:  # noqa: BLE001 - Hydra's composition errors: unknown keys, bad values
+            lines = [str(err).splitlines()[0]]
+        else:
+            continue
+        for line in lines:
+            if line not in seen:  # one line per problem, not per cell it recurs in
+                seen.add(line)
+                problems.append(f"{where}: {line}")
+    return problems
+
+
+def _shared_mismatch(grid: Grid, other: "Grid") -> list[str]:
+    """Why `other`'s teacher and masks do not fit `grid`: another baseline, or another value of a parameter
+    that the shared stages read (student-only keys and the order of -S do not matter)."""
+    from pipeline.provenance import pick
+    from pipeline.results import stage_inputs
+
+    if other.rev != grid.rev:
+        return [f"--shared-from {other.name}: it was built from {other.rev[:10]}, this grid starts from "
+                f"{grid.rev[:10]}: its teacher and masks may come from other code"]
+    _, keys = stage_inputs(_git(Path(grid.repo), "show", f"{grid.rev}:dvc.yaml"),
+                           ("prepare", "teacher", "masks_synthetic", "masks_human", "evaluate_teacher"))
+    mine = pick(_compose(Path(grid.repo), grid.protocol, grid.overrides), keys)
+    theirs = pick(_compose(Path(grid.repo), other.protocol, other.overrides), keys)
+    differ = [k for k in keys if mine.get(k) != theirs.get(k)]
+    return [f"--shared-from {other.name}: its shared stages ran with other values of {', '.join(differ)}"] if differ \
+        else []
+
+
+def _taken_names(repo: Path) -> set[str]:
+    """Experiment names already used here: finished experiments and the DVC queue's tasks."""
+    proc = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps/"], cwd=repo,
+                          capture_output=True, text=True)
+    names = {line.rsplit("/", 1)[-1] for line in proc.stdout.split() if line.count("/") >= 4}
+    queue = subprocess.run([_tool("dvc"), "queue", "status"], cwd=repo, capture_output=True, text=True)
+    for line in queue.stdout.splitlines()[1:]:
+        parts = line.split()
+        if len(parts) >= 2:
+            names.add(parts[1])
+    return names
 
 
 def _s(overrides: list[str]) -> list[str]:
@@ -557,10 +665,18 @@ def _at_baseline(grid: Grid) -> Iterator[None]:
 
 def _submit_local(grid: Grid, cells: list[Cell]) -> Grid:
     repo = Path(grid.repo)
+    queued: list[str] = []
     with _at_baseline(grid):
-        for c in cells:
-            _run_logged([_tool("dvc"), "exp", "run", "--queue", "-n", c.name, *_s(grid.cell_overrides(c))], repo,
-                        _local_env(grid.jobs))
+        try:
+            for c in cells:
+                _run_logged([_tool("dvc"), "exp", "run", "--queue", "-n", c.name, *_s(grid.cell_overrides(c))],
+                            repo, _local_env(grid.jobs))
+                queued.append(c.name)
+        except BaseException:
+            # all or nothing: a grid half in the queue would run at the next `dvc queue start` with no grid.json
+            if queued:
+                subprocess.run([_tool("dvc"), "queue", "remove", *queued], cwd=repo, capture_output=True)
+            raise
     grid.submitted = grid.submitted or _dt.datetime.now().isoformat(timespec="seconds")
     grid.save()
     return grid

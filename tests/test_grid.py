@@ -1,5 +1,7 @@
 """`sipat grid` without a cluster: resources, job descriptions, SLURM's array ids, the torchrun wrapper."""
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -79,3 +81,57 @@ def test_the_torchrun_wrapper_wraps_only_the_distributed_stages(tmp_path):
 def test_a_grid_needs_a_committed_dvc_project(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a DVC project"):
         g.plan(tmp_path, "digits", ["madry"], [0], [], executor="slurm", name=None, workdir=None, resources=[])
+
+
+# ------------------------------------------------------------------------- checked before anything is submitted
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A committed DVC project with this repository's dvc.yaml, params.yaml and conf/ (nothing run)."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("grid-project")
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(REPO / name, root / name)
+    shutil.copytree(REPO / "conf", root / "conf")
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "b"]):
+        subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True)
+    return root
+
+
+@pytest.mark.parametrize("args, problem", [
+    (["--strategies", "madry,nope"], "unknown strategy 'nope'"),
+    (["-S", "train.epochz=3"], "train.epochz"),
+    (["-S", "train.epochs=-1"], "train.epochs: Input should be greater than"),
+    (["-p", "no_such_protocol"], "no_such_protocol"),
+    (["--strategies", "madry,madry", "--seeds", "0,0"], "--strategies: madry given twice"),
+    (["-j", "0"], "--jobs 0: at least one experiment"),
+    (["-R", "cpus=zero"], "student.cpus: Input should be a valid integer"),
+    (["--shared-from", "other"], "--shared-from needs --executor slurm"),
+    (["--workdir", "afile"], "is a file, not a folder"),
+])
+def test_a_bad_grid_is_refused_in_one_line_per_problem_before_submission(project, monkeypatch, args, problem):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    (project / "afile").write_text("x")
+    monkeypatch.chdir(project)
+    for dry in ([], ["--dry-run"]):
+        res = CliRunner().invoke(app, ["grid", "run", "--name", "bad", "--strategies", "madry", "--seeds", "0",
+                                       *args, *dry], terminal_width=200)
+        text = " ".join(res.output.split())
+        assert res.exit_code == 1 and problem in text and "nothing submitted" in text, res.output
+        assert "Traceback" not in res.output and "https://" not in res.output
+    assert not (project / ".grid" / "bad").exists()
+    queue = subprocess.run([str(Path(sys.executable).parent / "dvc"), "queue", "status"], cwd=project,
+                           capture_output=True, text=True).stdout
+    assert "bad-" not in queue
+
+
+def test_a_grid_json_from_another_version_is_named(tmp_path):
+    (tmp_path / "grid.json").write_text(json.dumps({"name": "x", "extra": 1}))
+    with pytest.raises(ValueError, match=r"grid\.json: unknown key\(s\) extra; missing key\(s\) "):
+        g.Grid.load(tmp_path)
