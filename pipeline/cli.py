@@ -570,10 +570,13 @@ def grid_run(
         g.submit(grid)
         if executor is ExecutorChoice.local:
             g.start_local_workers(grid, jobs)
-    console.print(f"[green]submitted[/green] grid {escape(grid.name)}: "
-                  + (f"shared job {grid.shared_job_id}, " if grid.shared_job_id else "")
-                  + f"{len(grid.cells)} run(s); follow it with `sipat grid status {escape(grid.name)}`",
-                  soft_wrap=True)
+    shared_text = ("" if grid.executor == "local" else
+                   f"shared stages of grid {escape(Path(grid.shared_from).name)}, " if grid.shared_from else
+                   f"shared job {grid.shared_job_id}, ")
+    ids = sorted({c.job_id.split("_")[0] for c in grid.cells if c.job_id})
+    console.print(f"[green]submitted[/green] grid {escape(grid.name)}: {shared_text}{len(grid.cells)} run(s)"
+                  + (f" (SLURM job {', '.join(ids)})" if ids else "")
+                  + f"; follow it with `sipat grid status {escape(grid.name)}`", soft_wrap=True)
 
 
 _STATE_STYLE = {"pending": "dim", "running": "cyan", "done": "green", "failed": "bold red"}
@@ -625,9 +628,14 @@ def grid_resume(
     with _errors():
         grid = g.find_grid(Path.cwd(), name, workdir)
         cells = g.to_resume(grid)
-        shared = grid.shared_from is None and g.read_state(grid.shared_dir).get("state") != "done"
+        shared = (grid.executor == "slurm" and grid.shared_from is None
+                  and g.shared_state(grid) not in (g.DONE, g.PENDING, g.RUNNING))
         if not cells and not shared:
-            console.print(f"grid {escape(grid.name)}: nothing to resume")
+            if grid.executor == "local" and any(s.state == g.PENDING for s in g.status(grid)[0]):
+                g.start_local_workers(grid, grid.jobs)  # queued runs with no worker: start them
+                console.print(f"grid {escape(grid.name)}: nothing failed; queue workers started for its queued runs")
+                return
+            console.print(f"grid {escape(grid.name)}: nothing to resume (no run failed or was lost)")
             return
         for line in g.describe(grid, cells, shared=shared):
             console.print(escape(line), soft_wrap=True, highlight=False)

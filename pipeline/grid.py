@@ -338,18 +338,24 @@ def _s(overrides: list[str]) -> list[str]:
     return [arg for o in overrides for arg in ("-S", o)]
 
 
+def _clone_commands(grid: Grid, repo: str) -> list[list[str]]:
+    """What `_clone` runs when the clone is not there yet (a requeued or resumed job reuses it)."""
+    return [["git", "clone", "-q", "--no-checkout", grid.repo, f"{repo}.tmp"],
+            ["git", "-C", f"{repo}.tmp", "checkout", "-q", grid.rev], ["mv", f"{repo}.tmp", repo]]
+
+
 def shared_commands(grid: Grid) -> list[list[str]]:
-    """What the shared job runs, in order (in its clone)."""
-    return [["git", "clone", "-q", grid.repo, f"{grid.shared_dir}/repo"], ["git", "checkout", "-q", grid.rev],
+    """What the shared job runs, in order (the exp run in its clone)."""
+    return [*_clone_commands(grid, f"{grid.shared_dir}/repo"),
             ["dvc", "exp", "run", *_s(grid.base_overrides), *SHARED_TARGETS]]
 
 
 def cell_commands(grid: Grid, cell: Cell) -> list[list[str]]:
-    """What one student job runs, in order (in its clone)."""
-    return [["git", "clone", "-q", grid.repo, f"{grid.workdir}/cells/{cell.name}/repo"],
-            ["git", "checkout", "-q", grid.rev],
+    """What one student job runs, in order (all but the clone in its clone)."""
+    return [*_clone_commands(grid, f"{grid.workdir}/cells/{cell.name}/repo"),
             # after taking dvc.lock and the uncached outputs of the shared stages from the shared job's clone
             ["dvc", "checkout", "--with-deps", *SHARED_TARGETS],
+            ["git", "checkout", "-q", grid.rev, "--", "params.yaml"],
             _exp_run(grid, cell),
             ["dvc", "exp", "push", "--no-cache", "origin", cell.name]]
 
@@ -368,16 +374,24 @@ def describe(grid: Grid, cells: Optional[list[Cell]] = None, shared: bool = True
     if grid.executor == "local":
         for c in cells:
             lines.append(f"queue {c.name}: dvc exp run --queue -n {c.name} {q(_s(grid.cell_overrides(c)))}")
-        lines.append("then: dvc queue start")
+        lines.append(f"then: dvc queue start -j {grid.jobs} (each run held to its share of the cores)")
         return lines
     if grid.shared_from is not None:
         shared = False
         lines.append(f"shared stages: those of the grid in {grid.shared_from}")
     if shared:
-        lines.append(f"job 1 (shared stages, once) [{res.shared.describe()}]")
+        lines.append(f"shared job (the shared stages, once; SLURM gives its id at submission) "
+                     f"[{res.shared.describe()}]")
         lines += [f"    {q(c)}" for c in shared_commands(grid)]
-    dep = "after the shared job succeeds (afterok)" if shared or grid.shared_from else "shared stages already built"
-    lines.append(f"job array of {len(cells)} ({dep}) [{res.student.describe()}]")
+        dep = "after the shared job succeeds (afterok)"
+    elif grid.shared_job_id and read_state(grid.shared_dir).get("state") != DONE:
+        dep = f"after job {grid.shared_job_id} succeeds (afterok)"
+    else:
+        dep = "shared stages already built: no dependency"
+    if not cells:
+        return lines
+    kind = "job array" if len(cells) > 1 else "one job"
+    lines.append(f"{kind} of {len(cells)} ({dep}) [{res.student.describe()}]")
     for i, c in enumerate(cells):
         lines.append(f"  [{i}] {c.name}")
         lines += [f"    {q(cmd)}" for cmd in cell_commands(grid, c)]
@@ -600,15 +614,19 @@ def submit(grid: Grid, cells: Optional[list[Cell]] = None) -> Grid:
     if max(res.shared.gpus, res.student.gpus) > 1:
         _write_torchrun_shim(grid)
     dependency = None
-    if grid.shared_from is not None:
-        if read_state(grid.shared_dir).get("state") != "done" and grid.shared_job_id:
-            dependency = f"afterok:{grid.shared_job_id}"
-    elif read_state(grid.shared_dir).get("state") != "done":
+    shared = shared_state(grid)
+    if shared in (PENDING, RUNNING):  # keep the shared job SLURM still has: a second one would redo its work
+        dependency = f"afterok:{grid.shared_job_id}"
+    elif shared != DONE and grid.shared_from is None:  # failed, or lost: build the shared stages again
         job = _executor(grid, res.shared, f"{grid.name}-shared", None).submit(SharedJob(grid))
         grid.shared_job_id, grid.shared_log = str(job.job_id), str(job.paths.stdout)
         dependency = f"afterok:{job.job_id}"
-    grid.submitted = _dt.datetime.now().isoformat(timespec="seconds")
+    elif shared != DONE:
+        raise RuntimeError(f"the shared stages of {grid.shared_from} did not finish ({shared}): resume that grid")
+    grid.submitted = grid.submitted or _dt.datetime.now().isoformat(timespec="seconds")
     grid.save()
+    if not cells:
+        return grid
     executor = _executor(grid, res.student, grid.name, dependency)
     with executor.batch():
         jobs = [executor.submit(CellJob(grid, c)) for c in cells]
@@ -809,6 +827,17 @@ def find_grid(repo: Path, name: Optional[str], workdir: Optional[Path]) -> Grid:
     if not grids:
         raise FileNotFoundError(f"no grid under {base}: submit one with `sipat grid run`")
     return Grid.load(grids[-1].parent)
+
+
+def shared_state(grid: Grid) -> str:
+    """The shared stages' job: done (its own record says so), pending or running (SLURM has it), else failed."""
+    if read_state(grid.shared_dir).get("state") == DONE:
+        return DONE
+    if not grid.shared_job_id:
+        return FAILED
+    jobs, _ = slurm_jobs()
+    state, _ = _one(grid.shared_job_id, grid.shared_log, grid.shared_dir, jobs)
+    return state
 
 
 def to_resume(grid: Grid) -> list[Cell]:

@@ -48,7 +48,13 @@ def _grid(executor="slurm", **res) -> g.Grid:
 
 def test_describe_prints_every_job_its_resources_and_commands():
     lines = "\n".join(g.describe(_grid(gpus=2, partition="gpu")))
-    assert "job 1 (shared stages, once) [gpus=0 cpus=2 mem=4GB time=60min" in lines
+    assert "shared job (the shared stages, once; SLURM gives its id at submission) [gpus=0 cpus=2 mem=4GB " \
+           "time=60min" in lines
+    # the clone as `_clone` makes it, and the baseline's params.yaml restored before each (re)run
+    assert "git clone -q --no-checkout /r /r/.grid/t/cells/t-madry-s0/repo.tmp" in lines
+    assert "git checkout -q " + "a" * 40 + " -- params.yaml" in lines
+    one = "\n".join(g.describe(_grid(), cells=[g.Cell("t-madry-s0", "madry", 0)], shared=False))
+    assert "one job of 1 (shared stages already built: no dependency)" in one and "shared job" not in one
     assert "job array of 2 (after the shared job succeeds (afterok)) [gpus=2 cpus=2 mem=4GB time=60min " \
            "partition=gpu" in lines
     assert "dvc exp run -S protocol=digits -S train.epochs=1 masks_synthetic masks_human evaluate_teacher" in lines
@@ -56,6 +62,7 @@ def test_describe_prints_every_job_its_resources_and_commands():
     assert "dvc exp push --no-cache origin t-madry-s0" in lines
     local = "\n".join(g.describe(_grid("local")))
     assert "dvc exp run --queue -n t-madry-s0 -S protocol=digits -S train.epochs=1 -S strategy=madry -S seed=0" in local
+    assert "then: dvc queue start -j 1" in local
 
 
 def test_slurm_array_task_ids():

@@ -101,7 +101,7 @@ def test_dry_run_submits_nothing(repo):
     root, env = repo
     out = _sipat(root, env, "grid", "run", "-e", "slurm", "--name", "dry", "--strategies", "madry,sip_s",
                  "--seeds", "0,1", "-S", "train.epochs=1", "-R", "student.time_min=5", "--dry-run")
-    assert "job 1 (shared stages, once) [gpus=0 cpus=2" in out
+    assert "shared job (the shared stages, once; SLURM gives its id at submission) [gpus=0 cpus=2" in out
     assert "job array of 4 (after the shared job succeeds (afterok)) [gpus=0 cpus=2 mem=4GB time=5min" in out
     for cell in ("dry-madry-s0", "dry-madry-s1", "dry-sip_s-s0", "dry-sip_s-s1"):
         assert (f"dvc exp run -n {cell} -S protocol=digits -S train.epochs=1 -S strategy={cell.split('-')[1]} "
