@@ -422,11 +422,22 @@ def _write_torchrun_shim(grid: Grid) -> None:
     shim.chmod(0o755)
 
 
+class Interrupted(RuntimeError):
+    """A job step ended by a signal: a requeue, a preemption or a cancellation (SLURM's record tells which)."""
+
+
 def _run_logged(cmd: list[str], cwd: Path, env: dict[str, str]) -> None:
     print("+ " + shlex.join(cmd), flush=True)
     proc = subprocess.run(cmd, cwd=cwd, env=env)
+    if proc.returncode < 0:
+        raise Interrupted(f"{shlex.join(cmd)} was stopped by signal {-proc.returncode} (in {cwd})")
     if proc.returncode != 0:
         raise RuntimeError(f"{shlex.join(cmd)} exited with {proc.returncode} (in {cwd})")
+
+
+def _ended_state(err: BaseException) -> str:
+    # a step stopped by a signal is "interrupted", not "failed": a requeued job restarts from it
+    return "interrupted" if isinstance(err, (Interrupted, KeyboardInterrupt)) else "failed"
 
 
 def _write_state(folder: Path, state: str, **extra: Any) -> None:
@@ -504,7 +515,7 @@ class SharedJob:
             _clone(grid, folder / "repo", env)
             _run_logged([_tool("dvc"), "exp", "run", *_s(grid.base_overrides), *SHARED_TARGETS], folder / "repo", env)
         except BaseException as err:
-            _write_state(folder, "failed", error=str(err))
+            _write_state(folder, _ended_state(err), error=str(err))
             raise
         _write_state(folder, "done")
         return "done"
@@ -548,7 +559,7 @@ class CellJob:
                 _run_logged([_tool("dvc"), *_exp_run(grid, cell)[1:]], repo, env)
             _push(repo, cell.name, env)
         except BaseException as err:
-            _write_state(folder, "failed", prepared=prepared, error=str(err))
+            _write_state(folder, _ended_state(err), prepared=prepared, error=str(err))
             raise
         _write_state(folder, "done", prepared=True)
         return "done"
@@ -767,6 +778,8 @@ def _one(job_id: Optional[str], log: Optional[str], folder: Path, jobs: dict[str
         return DONE, "finished (job no longer known to SLURM)"
     if marker.get("state") == FAILED:
         return FAILED, f"{marker.get('error', 'failed')}: see {log}"
+    if marker.get("state") == "interrupted":
+        return FAILED, f"interrupted and not restarted ({marker.get('error', 'a signal')}): resume the grid"
     if marker.get("state") == "running":
         return FAILED, f"stopped while running (job no longer known to SLURM): see {log}; resume the grid"
     return FAILED, "never ran (job unknown to SLURM): resume the grid"
