@@ -26,7 +26,7 @@ TINY = """
 teacher: {epochs: 1, batch_size: 128}
 train: {epochs: 2, batch_size: 128}
 attack: {steps: 2}
-evaluate: {eps: [32/255], teacher_eps: [32/255], n_examples: 10, chunk_size: 5, workers: 1}
+evaluate: {eps: [32/255], teacher_eps: [32/255], n_examples: 10, chunk_size: 5, workers: 2}
 """
 TIMINGS = {"eval_seconds", "timing"}
 
@@ -127,20 +127,62 @@ def _wait(root, names, deadline, on_poll=None):
 
 
 @pytest.mark.timeout(2400)
-def test_grid_on_slurm_lands_as_experiments_and_survives_a_requeue(repo):
+def _kill_training(clone: Path) -> bool:
+    """SIGKILL the training process working in `clone` (not a requeue: the job step dies)."""
+    import signal
+
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes()
+            cwd = Path(os.readlink(entry / "cwd"))
+        except OSError:
+            continue
+        if b"stages.train" in cmd and cwd == clone:
+            os.kill(int(entry.name), signal.SIGKILL)
+            return True
+    return False
+
+
+def _same_as_uninterrupted(root, env, name):
+    """The cell's experiment metrics and checkpoint equal those of its training and evaluation forced again,
+    uninterrupted, in its clone (timings aside)."""
+    got = json.loads(_run(["git", "show", f"refs/exps/{_exp_ref(root, env, name)}:data/metrics/student.json"],
+                          root, env))
+    clone = root / f".grid/g/cells/{name}/repo"
+    for stage in ("train", "evaluate"):
+        _run(["dvc", "repro", "-f", "-s", stage], clone, env)
+    want = json.loads((clone / "data/metrics/student.json").read_text())
+    # every key but the timings, the checkpoint's hash included: the same bytes
+    assert {k: v for k, v in got.items() if k not in TIMINGS} == {k: v for k, v in want.items() if k not in TIMINGS}
+    lock = yaml.safe_load(_run(["git", "show", f"refs/exps/{_exp_ref(root, env, name)}:dvc.lock"], root, env))
+    md5 = next(o["md5"] for o in lock["stages"]["train"]["outs"] if o["path"] == "data/student/model.pt")
+    kept, fresh = (torch.load(p, map_location="cpu", weights_only=True)
+                   for p in (root / ".dvc/cache/files/md5" / md5[:2] / md5[2:], clone / "data/student/model.pt"))
+    assert kept["meta"] == fresh["meta"] and kept["state_dict"].keys() == fresh["state_dict"].keys()
+    assert all(torch.equal(kept["state_dict"][k], fresh["state_dict"][k]) for k in fresh["state_dict"])
+
+
+def test_grid_on_slurm_lands_as_experiments_survives_a_requeue_and_resumes_a_killed_run(repo):
     root, env = repo
     start = time.time()
     common = ["-e", "slurm", "-R", "cpus=1", "-R", "mem_gb=2", "-R", "time_min=20"]
     _sipat(root, env, "grid", "run", "--name", "g", "--strategies", "basic,madry", "--seeds", "0,1", *common)
-    # a cell with a bad parameter, in a grid of its own over the first grid's teacher and masks
-    _sipat(root, env, "grid", "run", "--name", "bad", "--strategies", "no_such_strategy", "--seeds", "0",
-           "--shared-from", "g", *common)
+    # a grid with a bad parameter is refused before anything is submitted
+    bad = subprocess.run([str(BIN / "sipat"), "grid", "run", "--name", "bad", "--strategies", "no_such_strategy",
+                          "--seeds", "0", "--shared-from", "g", *common], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 1 and "unknown strategy 'no_such_strategy'" in bad.stderr, bad.stderr
+    assert not (root / ".grid" / "bad").exists()
     grid = json.loads((root / ".grid/g/grid.json").read_text())
     target = next(c for c in grid["cells"] if c["name"] == "g-madry-s0")
     resume_file = root / ".grid/g/cells/g-madry-s0/repo/data/student/.model.resume.pt"
-    requeued = []
+    killed_clone = root / ".grid/g/cells/g-madry-s1/repo"
+    requeued, killed = [], []
 
-    def requeue_once():  # during the second of two epochs: the per-epoch state of the first is on disk
+    def interrupt():
+        # requeue g-madry-s0 during the second of its two epochs: the per-epoch state of the first is on disk
         if not requeued and resume_file.exists():
             _run(["scontrol", "requeue", target["job_id"]], root, env)
             requeued.append(time.time())
@@ -152,18 +194,23 @@ def test_grid_on_slurm_lands_as_experiments_and_survives_a_requeue(repo):
                     _run(["scontrol", "update", f"JobId={target['job_id']}", "StartTime=now"], root, env)
                     break
                 time.sleep(0.5)
+        # SIGKILL g-madry-s1's training process once its first epoch is kept: the run itself fails
+        if not killed and (killed_clone / "data/student/.model.resume.pt").exists() and _kill_training(killed_clone):
+            killed.append(time.time())
 
-    _wait(root, ["g", "bad"], time.time() + 2200, requeue_once)
-    print(f"grid wall time {time.time() - start:.0f} s")
-    g, bad = _status(root, env, "g"), _status(root, env, "bad")
-    assert [c["state"] for c in g.values()] == ["done"] * 5, g
+    _wait(root, ["g"], time.time() + 2200, interrupt)
+    g = _status(root, env, "g")
     assert requeued, "the student job finished its training before it could be requeued"
-
-    # the bad cell failed alone (the others are done, above), with its log path
-    cell = bad["bad-no_such_strategy-s0"]
-    assert cell["state"] == "failed" and cell["log"] in cell["detail"] and Path(cell["log"]).is_file()
-    assert "no_such_strategy" in Path(cell["log"]).read_text()
-    assert bad["(shared stages)"]["job_id"] == g["(shared stages)"]["job_id"]  # one shared job for both grids
+    assert killed, "g-madry-s1 finished its training before it could be killed"
+    assert g["g-madry-s1"]["state"] == "failed", g
+    assert [c["state"] for n, c in g.items() if n != "g-madry-s1"] == ["done"] * 4, g
+    # resume: the killed run's clone goes back to the baseline's params.yaml and the run completes
+    out = _sipat(root, env, "grid", "resume", "g")
+    assert "resubmitted 1 run(s)" in out and "shared job" not in out.split("job array")[0].split("one job")[0]
+    _wait(root, ["g"], time.time() + 1200)
+    g = _status(root, env, "g")
+    assert [c["state"] for c in g.values()] == ["done"] * 5, g
+    print(f"grid wall time {time.time() - start:.0f} s")
 
     # every run is an experiment of the submitting repository; the teacher was trained once, by the shared job
     shown = _run(["dvc", "exp", "show", "--json"], root, env)
@@ -172,29 +219,39 @@ def test_grid_on_slurm_lands_as_experiments_and_survives_a_requeue(repo):
     logs = {c["name"]: Path(c["log"]).read_text() for c in g.values()}
     assert "Running stage 'teacher'" in logs.pop("(shared stages)")
     assert all("Running stage 'teacher'" not in text and "Running stage 'train'" in text for text in logs.values())
+    # -R cpus=1: the evaluation runs one worker with one thread although params.yaml asks for two workers
+    assert all("1 worker(s) x 1 thread(s)" in text for text in logs.values()), logs["g-basic-s0"][-2000:]
 
     # the requeued job ran twice in the same clone, resumed training, and ends as the uninterrupted cell
     assert json.loads((root / ".grid/g/cells/g-madry-s0/state.json").read_text())["restarts"] >= 1
     assert "resuming from" in logs["g-madry-s0"]
-    got = json.loads(_run(["git", "show", f"refs/exps/{_exp_ref(root, env, 'g-madry-s0')}:data/metrics/student.json"],
-                          root, env))
-    # the same cell without requeue: its training and evaluation forced again, uninterrupted, in its clone
-    clone = root / ".grid/g/cells/g-madry-s0/repo"
-    for stage in ("train", "evaluate"):
-        _run(["dvc", "repro", "-f", "-s", stage], clone, env)
-    want = json.loads((clone / "data/metrics/student.json").read_text())
-    # every key but the timings, the checkpoint's hash included: the same bytes
-    assert {k: v for k, v in got.items() if k not in TIMINGS} == {k: v for k, v in want.items() if k not in TIMINGS}
-    lock = yaml.safe_load(_run(["git", "show", f"refs/exps/{_exp_ref(root, env, 'g-madry-s0')}:dvc.lock"], root, env))
-    md5 = next(o["md5"] for o in lock["stages"]["train"]["outs"] if o["path"] == "data/student/model.pt")
-    requeued, fresh = (torch.load(p, map_location="cpu", weights_only=True)
-                       for p in (root / ".dvc/cache/files/md5" / md5[:2] / md5[2:], clone / "data/student/model.pt"))
-    assert requeued["meta"] == fresh["meta"] and requeued["state_dict"].keys() == fresh["state_dict"].keys()
-    assert all(torch.equal(requeued["state_dict"][k], fresh["state_dict"][k]) for k in fresh["state_dict"])
+    _same_as_uninterrupted(root, env, "g-madry-s0")
+    # so does the killed one, resumed by `sipat grid resume`
+    _same_as_uninterrupted(root, env, "g-madry-s1")
 
     # the report counts four runs
     out = _sipat(root, env, "report", "--out", "r.md", "--plot", "r.png")
     assert "from 4 run(s)" in out, out
+
+
+def test_resume_keeps_a_shared_job_that_is_still_pending(repo):
+    """A held shared job is pending, not failed: resume submits no second one."""
+    root, env = repo
+    _sipat(root, env, "grid", "run", "--name", "h", "--strategies", "basic", "--seeds", "5", "-e", "slurm",
+           "-R", "cpus=1", "-R", "mem_gb=1", "-R", "time_min=5", "-S", "teacher.seed=5")
+    grid = json.loads((root / ".grid/h/grid.json").read_text())
+    shared = str(grid["shared_job_id"])
+    try:
+        _run(["scontrol", "hold", shared], root, env)
+        out = _sipat(root, env, "grid", "resume", "h")
+        assert "nothing to resume" in out, out
+        after = json.loads((root / ".grid/h/grid.json").read_text())
+        assert str(after["shared_job_id"]) == shared
+        names = subprocess.run(["squeue", "-h", "-o", "%j"], capture_output=True, text=True).stdout.split()
+        assert names.count("h-shared") == 1, names
+    finally:
+        for job in {shared} | {c["job_id"].split("_")[0] for c in grid["cells"] if c["job_id"]}:
+            subprocess.run(["scancel", job], capture_output=True)
 
 
 def _exp_ref(root, env, name) -> str:

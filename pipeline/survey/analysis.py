@@ -164,7 +164,7 @@ def _detection_figure(result: dict[str, Any], title: str):
 
     names = list(result["versions"])
     levels = sorted({0} | {int(k.split("_")[1]) for e in result["versions"].values() for k in e["detection"]})
-    fig = Figure(figsize=(6.4, 4.0), layout="constrained")
+    fig = Figure(figsize=(6.4, 4.6), layout="constrained")
     ax = fig.subplots()
     width = 0.8 / len(names)
     colours = ["#3057d5", "#d98b1f", "#5a9e4b", "#9b59b6", "#c0392b", "#7f8c8d"]
@@ -183,7 +183,8 @@ def _detection_figure(result: dict[str, Any], title: str):
     ax.set_xlabel("attack budget ε")
     ax.set_ylabel('answered "perturbed" (%)')
     ax.set_ylim(0, 100)
-    ax.legend(fontsize=8, loc="upper left")
+    # below the axes, where it covers no bar (bars near 100 % reach the top)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=min(3, len(names)), frameon=False)
     ax.set_title(title or f"Human detection of perturbations ({result['n_answers']} answers)", fontsize=10)
     return fig
 
@@ -248,7 +249,7 @@ def simulate_responses(curves: dict[str, dict[int, float]], n_participants: int,
                          "eps": round(k / 255, 8), "perturbed": int(k > 0),
                          "answer": "perturbed" if said else "unperturbed", "said_perturbed": int(said),
                          "correct": int(said == (k > 0)), "still_adversarial": "", "file": "", "shown_at": "",
-                         "answered_at": "", "response_ms": "", "started_at": "", "completed": 1,
+                         "answered_at": "", "response_ms": "", "client_ms": "", "started_at": "", "completed": 1,
                          "completion_code": ""})
     if out is not None:
         with atomic_path(out, owned=is_export_csv) as tmp, open(tmp, "w", newline="") as f:

@@ -24,13 +24,13 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from pipeline.core.errors import DatasetError
 from pipeline.survey.manifest import read_image_set
 from pipeline.survey.store import ANSWERS, Participant, PoolImage, SurveyStore, now
-from pipeline.survey.templates import render
+from pipeline.survey.templates import TIMER_JS, render
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,8 @@ SECURITY_HEADERS = [
     (b"x-frame-options", b"DENY"),
     (b"referrer-policy", b"no-referrer"),
     (b"content-security-policy",
-     b"default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; form-action 'self'; base-uri 'none'"),
+     b"default-src 'none'; img-src 'self'; script-src 'self'; style-src 'unsafe-inline'; form-action 'self'; "
+     b"base-uri 'none'"),
 ]
 
 
@@ -160,6 +161,43 @@ class _Headers:
         return await self.app(scope, receive, send_with_headers)
 
 
+def blind_png(path: Path) -> bytes:
+    """The image's pixels as an uncompressed RGB PNG with no metadata: its length depends on its size alone,
+    so that nothing but the pixels tells an unperturbed image from a perturbed one (a compressed PNG is smaller
+    the smoother it is, and perturbations are not smooth)."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(path) as im:
+        rgb = im.convert("RGB")
+    buf = io.BytesIO()
+    rgb.save(buf, format="PNG", compress_level=0)
+    return buf.getvalue()
+
+
+class BlindImages:
+    """Every image a participant may receive, encoded once by `blind_png` and served from memory: one code
+    path, the same headers and, within a set, the same length for clean and perturbed images."""
+
+    def __init__(self, versions: dict[str, "SurveyVersion"]):
+        self._bytes: dict[Path, bytes] = {}
+        for v in versions.values():
+            for p in v.pool:
+                for f in p.files.values():
+                    self._add(_inside(v.folder, f))
+            for clean, perturbed, _ in v.examples:
+                self._add(Path(clean))
+                self._add(Path(perturbed))
+
+    def _add(self, path: Path) -> None:
+        if path not in self._bytes:
+            self._bytes[path] = blind_png(path)
+
+    def response(self, path: Path) -> Response:
+        return Response(self._bytes[path], media_type="image/png")  # cache-control: no-store, as every page
+
+
 def create_app(versions: dict[str, SurveyVersion], store: SurveyStore, *, images_per_participant: int = 10,
                display_px: int = 320, title: str = "Image survey") -> Any:
     """The ASGI application serving `versions`, writing to `store`."""
@@ -168,6 +206,7 @@ def create_app(versions: dict[str, SurveyVersion], store: SurveyStore, *, images
             raise DatasetError(f"version {v.name!r} has {len(v.pool)} pool images; each participant needs "
                                f"{images_per_participant} (lower survey.images_per_participant or enlarge the pool)")
     pools = {name: v.pool for name, v in versions.items()}
+    images = BlindImages(versions)
 
     def width(v: SurveyVersion) -> int:
         return v.image_size * max(1, display_px // v.image_size)
@@ -278,7 +317,7 @@ def create_app(versions: dict[str, SurveyVersion], store: SurveyStore, *, images
         strength = "strong" if n == 1 else "subtle"
         heading = "An unperturbed image and a strongly perturbed one" if n == 1 else \
             "An unperturbed image and a slightly perturbed one"
-        text = ("The image on the right has been perturbed: small changes were added to its pixels." if n == 1 else
+        text = ("Image B has been perturbed: small changes were added to its pixels." if n == 1 else
                 "Here the perturbation is much weaker. It can be very hard to tell whether an image has been "
                 "perturbed; when unsure, give your best guess.")
         return page(request, "example.html", n=n, heading=heading, text=text, strength=strength, width=width(v))
@@ -289,7 +328,7 @@ def create_app(versions: dict[str, SurveyVersion], store: SurveyStore, *, images
             raise HTTPException(404, "No such example image.")
         p = await need(request)
         clean, perturbed, _ = versions[p.version].examples[n - 1]
-        return FileResponse(clean if which == "clean" else perturbed, media_type="image/png")
+        return images.response(Path(clean if which == "clean" else perturbed))
 
     async def question(request: Request) -> Response:
         p = await who(request)
@@ -309,10 +348,10 @@ def create_app(versions: dict[str, SurveyVersion], store: SurveyStore, *, images
         if item is None or item.position != position:
             raise HTTPException(404, f"Image {position} is not your current question's image.")
         v = versions[p.version]
-        return FileResponse(_inside(v.folder, item.file), media_type="image/png")
+        return images.response(_inside(v.folder, item.file))
 
     async def answer(request: Request) -> Response:
-        form = await read_form(request, ("item", "answer", "shown"))
+        form = await read_form(request, ("item", "answer", "shown", "client_ms"))
         p = await need(request)
         if form.get("answer") not in ANSWERS:
             raise HTTPException(400, f"The answer must be one of: {', '.join(ANSWERS)}.")
@@ -320,7 +359,9 @@ def create_app(versions: dict[str, SurveyVersion], store: SurveyStore, *, images
         if not QUESTION_NUMBER.fullmatch(raw):
             raise HTTPException(400, "The form must give the question number as 'item'.")
         shown_at = check_stamp(form.get("shown", ""), p.id, int(raw))
-        status = await run_in_threadpool(store.answer, p.id, int(raw), form["answer"], shown_at)
+        client = form.get("client_ms", "")
+        client_ms = int(client) if client.isascii() and client.isdigit() and len(client) <= 9 else None
+        status = await run_in_threadpool(store.answer, p.id, int(raw), form["answer"], shown_at, client_ms)
         if status in ("ok", "repeat"):  # a repeated identical submission (double click, reload) changes nothing
             return redirect(request, "/question")
         if status == "unassigned":
@@ -342,6 +383,9 @@ def create_app(versions: dict[str, SurveyVersion], store: SurveyStore, *, images
         if n_done < total:
             return redirect(request, "/question")
         return page(request, "done.html", code=p.completion_code, total=total)
+
+    async def timer(request: Request) -> Response:
+        return Response(TIMER_JS, media_type="text/javascript")
 
     async def health(request: Request) -> Response:
         return JSONResponse({"ok": True, "versions": sorted(versions)})
@@ -365,6 +409,7 @@ def create_app(versions: dict[str, SurveyVersion], store: SurveyStore, *, images
         Route("/answer", answer, methods=["POST"]),
         Route("/done", done, methods=["GET"]),
         Route("/healthz", health, methods=["GET"]),
+        Route("/timer.js", timer, methods=["GET"]),
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
     wrapped = _Headers(app)

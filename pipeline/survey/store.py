@@ -12,10 +12,10 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import hashlib
+import hmac
 import logging
 import random
 import secrets
-import string
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +25,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from pipeline.core.errors import SipatError
+
+# Completion codes: no letters and digits that read alike (O/0, I/1)
+CODE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,9 @@ responses = sa.Table(
     sa.Column("shown_at", sa.String(32), nullable=True),  # when the question page was served (from the form)
     sa.Column("answered_at", sa.String(32), nullable=False),
     sa.Column("response_ms", sa.Integer, nullable=True),
+    # measured in the participant's browser, from the image on screen to the click (the server's response_ms
+    # also holds the server's own delays)
+    sa.Column("client_ms", sa.Integer, nullable=True),
     sa.ForeignKeyConstraint(["participant_id", "position"], ["items.participant_id", "items.position"]),
 )
 
@@ -83,7 +89,8 @@ settings = sa.Table(
 
 EXPORT_FIELDS = ("participant", "external_id", "version", "position", "pool_index", "image_id", "label", "eps_255",
                  "eps", "perturbed", "answer", "said_perturbed", "correct", "still_adversarial", "file",
-                 "shown_at", "answered_at", "response_ms", "started_at", "completed", "completion_code")
+                 "shown_at", "answered_at", "response_ms", "started_at", "completed", "completion_code",
+                 "client_ms")
 
 
 def is_export_csv(path: str | Path) -> bool:
@@ -164,7 +171,11 @@ class SurveyStore:
             # queue here instead of failing with "database is locked" or "table already exists"
             with self._write() as conn, conn.begin():
                 metadata.create_all(conn)
+            self._add_missing_columns()
             self.signing_key = self._shared_secret("signing_key")
+            # what each participant is shown and in which order is drawn with this key, never from the public
+            # survey.seed and the participant number, which would let anyone reproduce every question's ε
+            self.draw_key = self._shared_secret("draw_key")
         except sa.exc.ArgumentError as err:
             raise SurveyStoreError(f"not a database URL: {url!r} ({err})") from None
         except sa.exc.OperationalError as err:
@@ -199,6 +210,22 @@ class SurveyStore:
     def _write(self) -> Any:
         return self.engine.connect().execution_options(write=True)
 
+    def _add_missing_columns(self) -> None:
+        """A database made by an earlier version: add the columns it lacks (nullable, so old rows stay valid)."""
+        insp = sa.inspect(self.engine)
+        with self._write() as conn, conn.begin():
+            for table in (participants, items, responses, settings):
+                have = {c["name"] for c in insp.get_columns(table.name)}
+                for col in table.columns:
+                    if col.name not in have and col.nullable:
+                        conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {col.name} "
+                                             f"{col.type.compile(self.engine.dialect)}")
+
+    def _rng(self, *parts: Any) -> random.Random:
+        """A generator seeded by the database's secret draw key and `parts`."""
+        digest = hmac.new(self.draw_key, ":".join(map(str, parts)).encode(), hashlib.sha256).digest()
+        return random.Random(int.from_bytes(digest, "big"))
+
     def _shared_secret(self, name: str) -> bytes:
         """A random key stored once in the database, the same for every process that opens it."""
         for _ in range(2):  # a concurrent first insert on a database without BEGIN IMMEDIATE: read theirs
@@ -226,18 +253,17 @@ class SurveyStore:
             counts = dict(conn.execute(sa.select(participants.c.version, sa.func.count())
                                        .group_by(participants.c.version)).all())
             n_total = sum(counts.values())
-            rng = random.Random(f"{self.seed}:version:{n_total}")
+            rng = self._rng("version", n_total)
             names = sorted(pools)
             version = min(names, key=lambda v: (counts.get(v, 0), rng.random()))
-            code = self.fixed_code or "".join(secrets.choice(string.ascii_uppercase + string.digits)
-                                              for _ in range(10))
+            code = self.fixed_code or "".join(secrets.choice(CODE_ALPHABET) for _ in range(10))
             pid = conn.execute(participants.insert().values(
                 token_sha256=hash_token(token), version=version, external_id=external_id, completion_code=code,
                 user_agent=(user_agent or "")[:256], started_at=now())).inserted_primary_key[0]
             shown = dict(conn.execute(
                 sa.select(items.c.pool_index, sa.func.count()).where(items.c.version == version)
                 .where(items.c.eps_255 == 0).group_by(items.c.pool_index)).all())
-            rng = random.Random(f"{self.seed}:participant:{pid}")
+            rng = self._rng("participant", pid)
             pool = pools[version]
             chosen = sorted(pool, key=lambda p: (shown.get(p.index, 0), rng.random()))[:n_images]
             rows = [dict(participant_id=pid, version=version, pool_index=p.index, image_id=p.image_id,
@@ -291,8 +317,10 @@ class SurveyStore:
         item = Item(pid, row.position, row.version, row.pool_index, row.eps_255, row.file) if row else None
         return item, done, total
 
-    def answer(self, pid: int, position: int, answer: str, shown_at: Optional[str] = None) -> str:
-        """Record an answer to the participant's current item (`shown_at`: when its page was served).
+    def answer(self, pid: int, position: int, answer: str, shown_at: Optional[str] = None,
+               client_ms: Optional[int] = None) -> str:
+        """Record an answer to the participant's current item (`shown_at`: when its page was served;
+        `client_ms`: the response time the participant's browser measured).
 
         Returns "ok"; "repeat" (this exact answer is already stored: nothing written); "changed" (the item was
         answered differently: answers are final); "unassigned"; or "not_current" (a later item).
@@ -314,7 +342,7 @@ class SurveyStore:
             t = now()
             conn.execute(responses.insert().values(participant_id=pid, position=position, answer=answer,
                                                    shown_at=shown_at, answered_at=t,
-                                                   response_ms=_ms_between(shown_at, t)))
+                                                   response_ms=_ms_between(shown_at, t), client_ms=client_ms))
             if self._current(conn, pid) is None:
                 conn.execute(participants.update().where(participants.c.id == pid).values(completed_at=t))
         return "ok"
@@ -329,7 +357,8 @@ class SurveyStore:
         q = (sa.select(participants.c.id, participants.c.external_id, items.c.version, items.c.position,
                        items.c.pool_index, items.c.image_id, items.c.label, items.c.eps_255,
                        items.c.still_adversarial, items.c.file, responses.c.shown_at, responses.c.answer,
-                       responses.c.answered_at, responses.c.response_ms, participants.c.started_at,
+                       responses.c.answered_at, responses.c.response_ms, responses.c.client_ms,
+                       participants.c.started_at,
                        participants.c.completed_at, participants.c.completion_code)
              .select_from(j).order_by(participants.c.id, items.c.position))
         with self.engine.connect() as conn:
@@ -343,6 +372,7 @@ class SurveyStore:
                        "correct": int(said == perturbed), "still_adversarial": int(bool(r.still_adversarial)),
                        "file": r.file, "shown_at": r.shown_at or "", "answered_at": r.answered_at,
                        "response_ms": "" if r.response_ms is None else r.response_ms,
+                       "client_ms": "" if r.client_ms is None else r.client_ms,
                        "started_at": r.started_at, "completed": int(r.completed_at is not None),
                        "completion_code": r.completion_code}
 

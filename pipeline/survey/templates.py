@@ -1,4 +1,5 @@
-"""The survey's pages: plain server-rendered HTML (Jinja2, autoescaped), no scripts, one small stylesheet."""
+"""The survey's pages: server-rendered HTML (Jinja2, autoescaped), one small stylesheet, and one script
+(`/timer.js`) that measures each answer's response time in the participant's browser."""
 
 from __future__ import annotations
 
@@ -72,9 +73,9 @@ EXAMPLE = """{% extends "base.html" %}{% block body %}
 <p>{{ text }}</p>
 <div class="pair">
   <figure><img class="stim" src="{{ root }}/example-image/{{ n }}/clean" width="{{ width }}" height="{{ width }}"
-       alt="unperturbed example image"><figcaption>Unperturbed</figcaption></figure>
+       alt="image A, unperturbed"><figcaption>Image A: unperturbed</figcaption></figure>
   <figure><img class="stim" src="{{ root }}/example-image/{{ n }}/perturbed" width="{{ width }}" height="{{ width }}"
-       alt="perturbed example image"><figcaption>Perturbed ({{ strength }})</figcaption></figure>
+       alt="image B, perturbed"><figcaption>Image B: perturbed ({{ strength }})</figcaption></figure>
 </div>
 <p class="nav">{% if n == 1 %}<a class="button" href="{{ root }}/example/2">Next example</a>
 {% else %}<a class="button" href="{{ root }}/question">Begin the survey</a>{% endif %}</p>
@@ -86,18 +87,33 @@ QUESTION = """{% extends "base.html" %}{% block body %}
     <span style="width: {{ percent }}%"></span></div></div>
 <div class="question">
   <p class="ask">Has this image been perturbed?</p>
-  <img class="stim" src="{{ root }}/image/{{ position }}" width="{{ width }}" height="{{ width }}"
+  <img class="stim" id="stim" src="{{ root }}/image/{{ position }}" width="{{ width }}" height="{{ width }}"
        alt="image {{ position }}">
-  <form method="post" action="{{ root }}/answer">
+  <form method="post" action="{{ root }}/answer" id="answer-form">
     <input type="hidden" name="item" value="{{ position }}">
     <input type="hidden" name="shown" value="{{ shown }}">
+    <input type="hidden" name="client_ms" id="client_ms" value="">
     <p class="answers">
       <button type="submit" name="answer" value="unperturbed" class="alt" id="unperturbed">Unperturbed</button>
       <button type="submit" name="answer" value="perturbed" class="alt" id="perturbed">Perturbed</button>
     </p>
   </form>
 </div>
+<script src="{{ root }}/timer.js"></script>
 {% endblock %}"""
+
+# Response time where the participant is: from the image being on screen (its load event, or now if it is
+# already loaded) to the click, in the browser's monotonic clock; the server's own figure is kept beside it.
+TIMER_JS = """(function () {
+  var img = document.getElementById("stim"), field = document.getElementById("client_ms");
+  var form = document.getElementById("answer-form"), shown = null;
+  function mark() { if (shown === null) { shown = performance.now(); } }
+  if (img.complete && img.naturalWidth > 0) { mark(); } else { img.addEventListener("load", mark); }
+  form.addEventListener("submit", function () {
+    if (shown !== null) { field.value = String(Math.round(performance.now() - shown)); }
+  });
+})();
+"""
 
 DONE = """{% extends "base.html" %}{% block body %}
 <div class="progress"><span>{{ total }} of {{ total }} answered</span>
