@@ -54,7 +54,7 @@ def test_budgets_accept_fractions():
     assert parse_budget("8/255") == pytest.approx(8 / 255)
     assert parse_budget(0.5) == 0.5
     assert format_budget(8 / 255) == "8/255"
-    cfg = config_from_dict({"evaluate": {"eps": ["8/255", "2/255", 0.0039215686]}})
+    cfg = config_from_dict({"evaluate": {"eps": [0.0039215686, "2/255", "8/255"]}})
     assert [format_budget(e) for e in cfg.evaluate.eps] == ["1/255", "2/255", "8/255"]
 
 

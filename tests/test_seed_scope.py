@@ -78,3 +78,12 @@ def test_paper_protocols_compute_in_fp32_and_the_fast_path_is_one_override_away(
     assert fast.perf.autocast(cuda=True) == "bfloat16" and fast.perf.autocast(cuda=False) is None
     fp32 = config_from_dict(compose((f"protocol={protocol}", "perf=fp32")), protocol)
     assert fp32.perf.autocast(cuda=True) is None and fp32.perf.use_channels_last(cuda=True)
+
+
+def test_budgets_have_one_spelling_so_a_reordered_list_reruns_nothing():
+    """DVC compares the list as written: [8/255, 4/255] would rerun an evaluation identical to [4/255, 8/255]."""
+    with pytest.raises(ConfigError, match=r"evaluate\.eps: .*increasing order"):
+        config_from_dict({"evaluate": {"eps": ["8/255", "4/255"]}})
+    with pytest.raises(ConfigError, match=r"evaluate\.teacher_eps: .*once"):
+        config_from_dict({"evaluate": {"teacher_eps": ["8/255", "8/255"]}})
+    assert config_from_dict({"evaluate": {"eps": ["4/255", "8/255"]}}).evaluate.eps == [4 / 255, 8 / 255]

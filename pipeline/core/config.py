@@ -178,7 +178,11 @@ class EvalConfig(_Strict):
     def _nonempty_sorted(cls, v: list[float]) -> list[float]:
         if not v:
             raise ValueError("at least one budget is needed")
-        return sorted(set(v))
+        if list(v) != sorted(set(v)):
+            # one spelling per evaluation: DVC compares the list as written, so a reordered list would rerun
+            # an evaluation whose metrics come out the same
+            raise ValueError("list each budget once, in increasing order (e.g. [4/255, 8/255])")
+        return list(v)
 
 
 class PerfConfig(_Strict):
