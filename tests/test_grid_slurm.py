@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -180,25 +181,37 @@ def test_grid_on_slurm_lands_as_experiments_survives_a_requeue_and_resumes_a_kil
     resume_file = root / ".grid/g/cells/g-madry-s0/repo/data/student/.model.resume.pt"
     killed_clone = root / ".grid/g/cells/g-madry-s1/repo"
     requeued, killed = [], []
+    stop = threading.Event()
 
     def interrupt():
-        # requeue g-madry-s0 during the second of its two epochs: the per-epoch state of the first is on disk
-        if not requeued and resume_file.exists():
-            _run(["scontrol", "requeue", target["job_id"]], root, env)
-            requeued.append(time.time())
-            # SLURM holds a requeued job back for two minutes (BeginTime); once it is pending again, let it start
-            for _ in range(120):
-                state = subprocess.run(["squeue", "-h", "-j", target["job_id"], "-o", "%T"], capture_output=True,
-                                       text=True).stdout.strip()
-                if state == "PENDING":
-                    _run(["scontrol", "update", f"JobId={target['job_id']}", "StartTime=now"], root, env)
-                    break
-                time.sleep(0.5)
-        # SIGKILL g-madry-s1's training process once its first epoch is kept: the run itself fails
-        if not killed and (killed_clone / "data/student/.model.resume.pt").exists() and _kill_training(killed_clone):
-            killed.append(time.time())
+        # An epoch here takes about a second: watch every 20 ms, in a thread of its own, for the per-epoch state
+        # of the first epoch, and interrupt during the second.
+        while not stop.is_set() and not (requeued and killed):
+            # g-madry-s1: SIGKILL its training process (not a requeue): the run itself fails
+            if not killed and (killed_clone / "data/student/.model.resume.pt").exists() \
+                    and _kill_training(killed_clone):
+                killed.append(time.time())
+            # g-madry-s0: requeued by SLURM
+            if not requeued and resume_file.exists():
+                _run(["scontrol", "requeue", target["job_id"]], root, env)
+                requeued.append(time.time())
+                # SLURM holds a requeued job back for two minutes (BeginTime); once pending again, let it start
+                for _ in range(120):
+                    state = subprocess.run(["squeue", "-h", "-j", target["job_id"], "-o", "%T"],
+                                           capture_output=True, text=True).stdout.strip()
+                    if state == "PENDING":
+                        _run(["scontrol", "update", f"JobId={target['job_id']}", "StartTime=now"], root, env)
+                        break
+                    time.sleep(0.5)
+            time.sleep(0.02)
 
-    _wait(root, ["g"], time.time() + 2200, interrupt)
+    watcher = threading.Thread(target=interrupt, daemon=True)
+    watcher.start()
+    try:
+        _wait(root, ["g"], time.time() + 2200)
+    finally:
+        stop.set()
+        watcher.join(timeout=60)
     g = _status(root, env, "g")
     assert requeued, "the student job finished its training before it could be requeued"
     assert killed, "g-madry-s1 finished its training before it could be killed"
