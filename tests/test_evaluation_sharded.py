@@ -233,6 +233,8 @@ def test_partial_results_resume_in_evaluate_run(tmp_path, digits_root):
     other = evaluate_run(_config(digits_root, workers=1, chunk_size=10), ckpt, tmp_path / "o.json", device=CPU,
                          progress=False, make_attack=FlipFactory(p=0.5))
     assert other["timing"]["chunks_reused"] == 0
+    # another forward batch size is the same evaluation: the finished chunks are kept
+    cfg = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"batch_size": 7})})
     resumed = evaluate_run(cfg, ckpt, tmp_path / "m.json", device=CPU, partial_path=partial, progress=False,
                            make_attack=FlipFactory(p=0.5))
     assert resumed["timing"]["chunks_reused"] == 2 and not partial.exists()
