@@ -136,7 +136,7 @@ def _untestable(name: str, statement: str, missing: list[str]) -> Claim:
 
 
 def _n_text(verdict: str, n: int) -> str:
-    return f"{verdict} at n = {n} seeds" if verdict == UNSURE else verdict
+    return f"{verdict} at n = {n} seed{'s' if n != 1 else ''}" if verdict == UNSURE else verdict
 
 
 def judge(group, margin: float = MARGIN) -> list[Claim]:

@@ -474,7 +474,9 @@ def _heads(group: Group) -> list[str]:
 def _interval_lines(ci: Interval, signed: bool = False) -> list[str]:
     mean = f"{ci.mean:+.2f}" if signed else f"{ci.mean:.2f}"
     if ci.n > 1 and math.isfinite(ci.half):
-        return [mean + ("" if signed else f" ± {ci.std:.2f}"), f"[{ci.lo:.2f}, {ci.hi:.2f}]"]
+        # an accuracy lies in [0, 100]: its interval is cut there (a difference's is not)
+        lo, hi = (ci.lo, ci.hi) if signed else (max(0.0, ci.lo), min(100.0, ci.hi))
+        return [mean + ("" if signed else f" ± {ci.std:.2f}"), f"[{lo:.2f}, {hi:.2f}]"]
     return [mean, f"(n={ci.n})"]
 
 
@@ -506,7 +508,8 @@ def difference_table(group: Group, ref: str = REFERENCE) -> Optional[tuple[list[
     for r in group.rows:
         if r is base:
             continue
-        cells: list[Cell] = [([r["label"], f"{len(set(r['seeds']) & set(base['seeds']))} pairs"], False)]
+        pairs = len(set(r["seeds"]) & set(base["seeds"]))
+        cells: list[Cell] = [([r["label"], f"{pairs} pair" + ("s" if pairs != 1 else "")], False)]
         for c in group.columns:
             d = paired(r, base, c)
             cells.append((_interval_lines(d, signed=True) if d.n else [MISSING], False))

@@ -180,7 +180,8 @@ def provenance_markdown(prov: dict[str, Any], changed: list[str]) -> str:
     """Where, when and with what a result was made, and whether the code and parameters are still those."""
     missing = prov.get("missing") or []
     lines = [f"Made at commit `{prov['commit'][:10]}` on {prov['processor']} (2 cores), grid `{prov['grid']}`: "
-             f"{prov['runs']} runs" + (f", {len(missing)} not finished ({', '.join(missing)})" if missing else "")
+             f"{prov['runs']} runs" + (f", {len(missing)} not finished (" + ", ".join(missing[:4])
+                                       + (", …" if len(missing) > 4 else "") + ")" if missing else "")
              + f"; {_duration(prov.get('wall_seconds'))} from submission ({prov.get('submitted') or '?'}) to the "
              f"last result ({prov.get('finished') or '?'}), interruptions included; the runs' own training and "
              f"evaluation add up to {_duration(prov.get('run_seconds'))}. Rebuilt with:", "",
