@@ -79,7 +79,7 @@ def test_claims_fail_or_stay_open_when_the_data_say_so():
     assert verdict["C1"] == FAILS and verdict["C2"] == FAILS and verdict["C3"] == FAILS
     one = _grid(3.0, [0.5, 0.0, -2.0, -6.0], seeds=1)  # one seed: no interval, nothing can be concluded
     assert {c.verdict for c in one.claims} == {UNSURE}
-    assert any("inconclusive at n = 1 seeds" in p for c in one.claims for p in c.parts)
+    assert any("inconclusive at n = 1 seed" in p for c in one.claims for p in c.parts)
     no_madry = compare([r for r in (src(metrics("sip_s", 0, 0.9, {"4/255": 0.5}), "x"),)])[0][0]
     assert {c.verdict for c in no_madry.claims} == {"not testable"}
 
