@@ -77,8 +77,12 @@ def plot_comparison(group: "Group", out: str | Path) -> None:
 
     for r in group.rows:
         cells = [r["cells"][c] for c in cols]
-        axes[0].errorbar(xs, [e["mean"] for e in cells], yerr=[bar(e["ci"]) for e in cells], marker="o",
-                         capsize=3, label=r["label"], linestyle=style(r))
+        means = [e["mean"] for e in cells]
+        # an accuracy's interval is cut at 0 and 100 %, as in the tables
+        low = [min(bar(e["ci"]), m) for e, m in zip(cells, means)]
+        high = [min(bar(e["ci"]), 100.0 - m) for e, m in zip(cells, means)]
+        axes[0].errorbar(xs, means, yerr=[low, high], marker="o", capsize=3, label=r["label"], linestyle=style(r))
+    axes[0].set_ylim(-2, 102)
     axes[0].set_ylabel("accuracy (%), 95 % interval over seeds")
     if base is not None:
         ax = axes[1]
