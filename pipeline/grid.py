@@ -816,6 +816,7 @@ def _status_local(grid: Grid) -> list[CellStatus]:
         if len(parts) >= 2:
             found[parts[1]] = parts[-1]
     finished = _experiment_names(Path(grid.repo), grid.rev)
+    published = published_runs(grid)
     mapping = {"Queued": PENDING, "Running": RUNNING, "Success": DONE, "Failed": FAILED}
     out = []
     for c in grid.cells:
@@ -823,6 +824,8 @@ def _status_local(grid: Grid) -> list[CellStatus]:
             out.append(CellStatus(c.name, mapping.get(found[c.name], FAILED), None, found[c.name], None))
         elif c.name in finished:
             out.append(CellStatus(c.name, DONE, None, "finished (experiment of the baseline)", None))
+        elif c.name in published:
+            out.append(CellStatus(c.name, DONE, None, "finished (its metrics are in results/)", None))
         else:  # the queue was lost (a restarted machine, a cleared .dvc/tmp): nothing will run it
             out.append(CellStatus(c.name, FAILED, None, "lost: neither queued nor finished; resume the grid",
                                   None))
@@ -835,11 +838,49 @@ def find_grid(repo: Path, name: Optional[str], workdir: Optional[Path]) -> Grid:
         return Grid.load(workdir)
     base = repo.resolve() / ".grid"
     if name is not None:
+        if not (base / name / "grid.json").is_file():
+            restored = _restore_published(repo.resolve(), name)
+            if restored is not None:
+                return restored
         return Grid.load(base / name)
     grids = sorted(base.glob("*/grid.json"), key=lambda p: p.stat().st_mtime)
     if not grids:
         raise FileNotFoundError(f"no grid under {base}: submit one with `sipat grid run`")
     return Grid.load(grids[-1].parent)
+
+
+def _restore_published(repo: Path, name: str) -> Optional[Grid]:
+    """A grid whose work folder is gone (a new clone, a cleaned machine) but whose record was published with its
+    results (`results/*/grid.json`, committed): its work folder is made again from that record, so that
+    `sipat grid status` and `resume` go on where it stopped."""
+    for record in sorted(repo.glob("results/*/grid.json")):
+        try:
+            raw = json.loads(record.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if raw.get("name") != name or raw.get("repo") not in (str(repo), None):
+            continue
+        work = Path(raw.get("workdir") or repo / ".grid" / name)
+        work.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(record, work / "grid.json")
+        print(f"grid {name}: work folder restored from {record.relative_to(repo)}", flush=True)
+        return Grid.load(work)
+    return None
+
+
+def published_runs(grid: Grid) -> set[str]:
+    """Cells whose metrics were collected into a results folder of the repository (`sipat grid collect`):
+    finished, even where the experiment itself is gone (another clone)."""
+    done = set()
+    for folder in sorted(Path(grid.repo).glob("results/*")):
+        record = folder / "grid.json"
+        try:
+            if json.loads(record.read_text()).get("name") != grid.name:
+                continue
+        except (OSError, json.JSONDecodeError):
+            continue
+        done |= {c.name for c in grid.cells if (folder / f"{c.name}.json").is_file()}
+    return done
 
 
 def shared_state(grid: Grid) -> str:

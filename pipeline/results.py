@@ -71,12 +71,22 @@ def collect(repo: Path, grid, out: Path, metrics_path: str = "data/metrics/stude
     into `out`. Returns the provenance. Cells not finished yet are listed in it as missing."""
     refs = experiment_refs(repo)
     out.mkdir(parents=True, exist_ok=True)
+    prev = load_provenance(out) if (out / PROVENANCE).is_file() else None
+    if prev is not None and prev.get("commit") != grid.rev:
+        raise RuntimeError(f"{out} holds runs of commit {prev['commit'][:10]}, grid {grid.name} starts from "
+                           f"{grid.rev[:10]}: collect it into another folder")
+    write_json(out / "grid.json", asdict(grid))  # resume finds the grid here on a clone without .grid/
     found, missing, times, params_seen = [], [], [], {}
+    if prev is not None and prev.get("finished"):
+        times.append(int(_dt.datetime.fromisoformat(prev["finished"]).timestamp()))
     dvc_yaml = _git(repo, "show", f"{grid.rev}:dvc.yaml")
     code_paths, keys = stage_inputs(dvc_yaml)
     for cell in grid.cells:
         sha = refs.get(cell.name)
         if sha is None:
+            if prev is not None and (out / f"{cell.name}.json").is_file():
+                found.append(cell.name)  # collected earlier, on a clone that had its experiment
+                continue
             missing.append(cell.name)
             continue
         base = _git(repo, "rev-parse", f"{sha}^").strip()
@@ -99,11 +109,14 @@ def collect(repo: Path, grid, out: Path, metrics_path: str = "data/metrics/stude
             write_json(out / "teacher.json", teacher)
     if not found:
         raise RuntimeError(f"grid {grid.name}: no finished experiment yet ({len(missing)} cell(s) pending)")
-    first = params_seen[found[0]]
+    first = next(iter(params_seen.values())) if params_seen else prev["params"]
+    if prev is not None and params_seen and json.dumps(prev["params"], sort_keys=True, default=str) != \
+            json.dumps(first, sort_keys=True, default=str):
+        raise RuntimeError(f"the runs collected earlier into {out} had other parameters than these")
     for name, p in params_seen.items():
         if p != first:
             diff = [k for k in first if first[k] != p.get(k)]
-            raise RuntimeError(f"experiment {name} was run with other parameters than {found[0]}: "
+            raise RuntimeError(f"experiment {name} was run with other parameters than the grid's first run: "
                                f"{', '.join(diff)}")
     submitted = _dt.datetime.fromisoformat(grid.submitted) if grid.submitted else None
     finished = _dt.datetime.fromtimestamp(max(times))

@@ -75,8 +75,8 @@ def test_collect_writes_metrics_and_provenance_and_nothing_changed_yet(repo_with
     assert set(experiment_refs(repo)) == {"g-madry-s0", "g-sip_s-s0"}
     out = repo / "results" / "g"
     prov = collect(repo, grid, out)
-    assert sorted(p.name for p in out.iterdir()) == ["g-madry-s0.json", "g-sip_s-s0.json", "provenance.json",
-                                                    "teacher.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["g-madry-s0.json", "g-sip_s-s0.json", "grid.json",
+                                                    "provenance.json", "teacher.json"]
     assert prov["runs"] == 2 and prov["missing"] == ["g-fat-s0"] and prov["processor"] == "Test CPU"
     assert prov["commit"] == grid.rev and "pipeline/training/__init__.py" in prov["code"]
     assert prov["command"] == "sipat grid run --executor local -p digits --strategies madry,sip_s,fat --seeds 0 -j 2"
@@ -160,3 +160,24 @@ def test_published_results_sections_are_what_the_committed_metrics_give(folder, 
     res = CliRunner().invoke(app, ["report", "--metrics-dir", str(folder.relative_to(ROOT)), "--readme",
                                    "README.md", "--plot", f"docs/figures/results/{folder.name}.png", "--check"])
     assert res.exit_code == 0, res.output
+
+
+def test_a_grid_goes_on_from_its_published_record_on_a_clone_without_its_work_folder(repo_with_grid):
+    """The work folder and the experiments are gone (a new clone): status and collect go on from results/."""
+    from pipeline import grid as g
+
+    repo, grid = repo_with_grid
+    grid.save = lambda: None
+    collect(repo, grid, repo / "results" / "g")
+    assert json.loads((repo / "results/g/grid.json").read_text())["name"] == "g"
+    grid.repo = str(repo)
+    rec = json.loads((repo / "results/g/grid.json").read_text())
+    rec["workdir"] = str(repo / ".grid" / "g")
+    (repo / "results/g/grid.json").write_text(json.dumps(rec))
+    for ref in _git(repo, "for-each-ref", "--format=%(refname)", "refs/exps").split():
+        _git(repo, "update-ref", "-d", ref)  # the experiments are not on this clone
+    restored = g.find_grid(repo, "g", None)
+    assert (repo / ".grid/g/grid.json").is_file() and restored.rev == grid.rev
+    assert g.published_runs(restored) == {"g-madry-s0", "g-sip_s-s0"}
+    prov = collect(repo, restored, repo / "results" / "g")  # the earlier runs stay collected
+    assert prov["runs"] == 2 and prov["missing"] == ["g-fat-s0"]
