@@ -11,7 +11,7 @@ The claims (paper, sec. 1 and 4.4; Tables 1-3):
   the gain shrinks as ε grows.
 - C3: synthetic masks give higher clean but lower robust accuracy than human masks (at the training ε).
 
-A claim "holds" when every 95 % interval it rests on lies on its side, "does not hold" when one lies on the
+A claim "holds" when every 95 % interval it rests on (over at least 3 seed pairs) lies on its side, "does not hold" when one lies on the
 other side, and is "inconclusive" otherwise. "At least" and "comparable" allow a margin (1 percentage point by
 default): SIP-AT is at least Madry's when the interval's lower end is above −margin.
 """
@@ -27,6 +27,9 @@ from scipy import stats
 HOLDS, FAILS, UNSURE = "holds", "does not hold", "inconclusive"
 LEVEL = 0.95
 MARGIN = 1.0  # percentage points
+# Fewer pairs give no verdict: with two seeds, equal differences (accuracies are multiples of 1/points) make a
+# zero-width interval that would claim a certainty two runs cannot give.
+MIN_N = 3
 
 
 @dataclass(frozen=True)
@@ -87,7 +90,7 @@ def paired_trend(row: dict[str, Any], ref: dict[str, Any], low: str, high: str) 
 
 def above(d: Interval, margin: float = 0.0) -> str:
     """'row > ref': holds when the interval lies above `margin`, fails when it lies below it."""
-    if not math.isfinite(d.half):
+    if not math.isfinite(d.half) or d.n < MIN_N:
         return UNSURE
     return HOLDS if d.lo > margin else FAILS if d.hi < margin else UNSURE
 
@@ -99,7 +102,7 @@ def below(d: Interval, margin: float = 0.0) -> str:
 def at_least(d: Interval, margin: float) -> str:
     """'row ≥ ref' within a margin (non-inferiority): holds when the lower end is above −margin, fails when the
     whole interval is below 0 and reaches past −margin."""
-    if not math.isfinite(d.half):
+    if not math.isfinite(d.half) or d.n < MIN_N:
         return UNSURE
     return HOLDS if d.lo > -margin else FAILS if d.hi < 0 else UNSURE
 
@@ -107,7 +110,7 @@ def at_least(d: Interval, margin: float) -> str:
 def at_most(d: Interval, margin: float) -> str:
     """'row comparable to or below ref': holds when the upper end is below +margin, fails when the lower end is
     above it."""
-    if not math.isfinite(d.half):
+    if not math.isfinite(d.half) or d.n < MIN_N:
         return UNSURE
     return HOLDS if d.hi < margin else FAILS if d.lo > margin else UNSURE
 

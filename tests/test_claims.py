@@ -118,3 +118,10 @@ def test_report_cli_at_80_columns_prints_every_number_and_the_verdicts(tmp_path,
         assert claim in res.output
     md = (tmp_path / "r.md").read_text()
     assert "**C1 holds**" in md and "Paired difference to Madry" in md
+
+
+def test_two_pairs_give_no_verdict_even_with_a_zero_width_interval():
+    from pipeline.claims import above
+
+    assert above(Interval(4.46, 0.0, 0.0, 2)) == UNSURE  # two equal differences: no certainty
+    assert above(Interval(4.46, 0.0, 0.0, 3)) == HOLDS
