@@ -695,6 +695,15 @@ def _at_baseline(grid: Grid) -> Iterator[None]:
 def _submit_local(grid: Grid, cells: list[Cell]) -> Grid:
     repo = Path(grid.repo)
     queued: list[str] = []
+    found = _queue_entries(repo)
+    for c in cells:
+        task, state = found.get(c.name, ("", ""))
+        if state == "Running" and _gone_pid(repo, task) is not None:
+            # the queue would wait forever on a run whose process is gone: mark it failed first (DVC finds no
+            # process to signal and records a failure), so that the name is free to be queued again
+            subprocess.run([_tool("dvc"), "queue", "kill", c.name], cwd=repo, capture_output=True)
+        if state:
+            subprocess.run([_tool("dvc"), "queue", "remove", c.name], cwd=repo, capture_output=True)
     with _at_baseline(grid):
         try:
             for c in cells:
@@ -808,20 +817,68 @@ def _experiment_names(repo: Path, rev: str) -> set[str]:
     return {line.rsplit("/", 1)[-1] for line in proc.stdout.split()}
 
 
-def _status_local(grid: Grid) -> list[CellStatus]:
-    proc = subprocess.run([_tool("dvc"), "queue", "status"], cwd=grid.repo, capture_output=True, text=True)
-    found = {}
-    for line in proc.stdout.splitlines():
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if cmdline.exists():  # a number reused by another program after a restart is not the run
+        with contextlib.suppress(OSError):
+            return b"dvc" in cmdline.read_bytes()
+    return True
+
+
+def _gone_pid(repo: Path, task: str) -> Optional[int]:
+    """The process id of a run the queue still calls Running although its process has ended without a result (a
+    killed worker, a machine restarted, a session closed), else None. DVC keeps the run's process record in
+    .dvc/tmp/exps/run/<rev>/<rev>.json; with no record yet (a run starting) the run counts as alive."""
+    for info in (repo / ".dvc" / "tmp" / "exps" / "run").glob(f"{task}*/{task}*.json"):
+        try:
+            rec = json.loads(info.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        pid = rec.get("pid")
+        if isinstance(pid, int) and (rec.get("returncode") is not None or not _pid_alive(pid)):
+            return pid
+    return None
+
+
+# When a name is in the queue more than once (a failed run queued again), the most advanced entry counts.
+_QUEUE_RANK = {"Success": 0, "Running": 1, "Queued": 2, "Failed": 3}
+
+
+def _queue_entries(repo: Path) -> dict[str, tuple[str, str]]:
+    """`dvc queue status` as {name: (task id, status)}."""
+    proc = subprocess.run([_tool("dvc"), "queue", "status"], cwd=repo, capture_output=True, text=True)
+    found: dict[str, tuple[str, str]] = {}
+    for line in proc.stdout.splitlines()[1:]:
         parts = line.split()
-        if len(parts) >= 2:
-            found[parts[1]] = parts[-1]
-    finished = _experiment_names(Path(grid.repo), grid.rev)
+        if len(parts) >= 3 and parts[-1] in _QUEUE_RANK:
+            task, name, state = parts[0], parts[1], parts[-1]
+            if name not in found or _QUEUE_RANK[state] < _QUEUE_RANK[found[name][1]]:
+                found[name] = (task, state)
+    return found
+
+
+def _status_local(grid: Grid) -> list[CellStatus]:
+    repo = Path(grid.repo)
+    found = _queue_entries(repo)
+    finished = _experiment_names(repo, grid.rev)
     published = published_runs(grid)
     mapping = {"Queued": PENDING, "Running": RUNNING, "Success": DONE, "Failed": FAILED}
     out = []
     for c in grid.cells:
         if c.name in found:
-            out.append(CellStatus(c.name, mapping.get(found[c.name], FAILED), None, found[c.name], None))
+            task, state = found[c.name]
+            gone = _gone_pid(repo, task) if state == "Running" else None
+            if gone is not None:
+                out.append(CellStatus(c.name, FAILED, None, f"stopped while running (its process {gone} has "
+                                      f"ended without a result): resume the grid", None))
+            else:
+                out.append(CellStatus(c.name, mapping[state], None, state, None))
         elif c.name in finished:
             out.append(CellStatus(c.name, DONE, None, "finished (experiment of the baseline)", None))
         elif c.name in published:
