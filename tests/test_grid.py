@@ -146,3 +146,64 @@ def test_a_grid_json_from_another_version_is_named(tmp_path):
     (tmp_path / "grid.json").write_text(json.dumps({"name": "x", "extra": 1}))
     with pytest.raises(ValueError, match=r"grid\.json: unknown key\(s\) extra; missing key\(s\) "):
         g.Grid.load(tmp_path)
+
+
+# ------------------------------------------------------------------------- a local run whose process was killed
+
+def _processes_under(root: Path) -> list[int]:
+    """Processes working in `root` or below (the queue's worker and its run), this test's own excluded."""
+    out = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if int(proc.name) != os.getpid() and str(proc.joinpath("cwd").readlink()).startswith(str(root)):
+                out.append(int(proc.name))
+        except OSError:
+            continue
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/cwd").exists(), reason="finds the queue's processes through /proc")
+def test_a_local_run_whose_process_was_killed_is_failed_and_queued_again(tmp_path):
+    """A session that ends kills the queue's worker and its run; DVC still calls the run Running and would wait
+    on it forever. Status must call it failed and resume must queue it again under the same name."""
+    import signal
+    import time
+
+    root = tmp_path / "p"
+    root.mkdir()
+    (root / "dvc.yaml").write_text("stages:\n  work:\n    cmd: python -c \"import time; time.sleep(300)\"\n"
+                                   "    params: [seed]\n")
+    (root / "params.yaml").write_text("protocol: digits\nstrategy: madry\nseed: 0\n")
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    for cmd in (["git", "init", "-q"], [g._tool("dvc"), "init", "-q"], ["git", "add", "-A"],
+                ["git", "commit", "-qm", "b"]):
+        subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True)
+    grid = g.Grid(name="t", repo=str(root), rev=g._git(root, "rev-parse", "HEAD"), cache="",
+                  workdir=str(tmp_path / "w"), executor="local", protocol="digits", overrides=[], resources={},
+                  cells=[g.Cell("t-madry-s0", "madry", 0)], jobs=1)
+    g._submit_local(grid, grid.cells)
+    assert [s.state for s in g.status(grid)[0]] == [g.PENDING]
+    try:
+        g.start_local_workers(grid, 1)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            running = g.status(grid)[0][0].state == g.RUNNING and list(root.glob(".dvc/tmp/exps/run/*/*.json"))
+            if running and len(_processes_under(root)) >= 3:  # the worker, its run, the stage's command
+                break
+            time.sleep(1)
+        else:
+            pytest.fail(f"the queued run did not start: {g.status(grid)[0]}")
+    finally:
+        for pid in _processes_under(root):  # as a closed session would: everything at once, no clean-up
+            with __import__("contextlib").suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    time.sleep(1)
+    cell = g.status(grid)[0][0]
+    assert cell.state == g.FAILED and "stopped while running" in cell.detail, cell
+    assert [c.name for c in g.to_resume(grid)] == ["t-madry-s0"]
+
+    g._submit_local(grid, g.to_resume(grid))
+    queue = subprocess.run([g._tool("dvc"), "queue", "status"], cwd=root, capture_output=True, text=True).stdout
+    assert [line.split()[-1] for line in queue.splitlines() if "t-madry-s0" in line] == ["Queued"], queue
+    assert [s.state for s in g.status(grid)[0]] == [g.PENDING]
