@@ -473,7 +473,7 @@ def test_browser_completes_the_survey(server, tmp_path):
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
         from selenium.webdriver.common.by import By
-        from selenium.webdriver.support.expected_conditions import staleness_of
+        from selenium.common.exceptions import WebDriverException
         from selenium.webdriver.support.wait import WebDriverWait
     except ImportError:
         pytest.skip("selenium is not installed: pip install -e '.[dev]'")
@@ -493,9 +493,14 @@ def test_browser_completes_the_survey(server, tmp_path):
             "return Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
 
     def click(element) -> None:
-        """Click, then wait until the browser has left the page (a click returns before navigation ends)."""
+        """Click, then wait until the next page has loaded (a click returns before navigation ends). The old page
+        is marked; the wait ends when a complete document without the mark is there. Asking the old element
+        whether it is stale races the navigation (chromedriver then answers with an error of its own, not
+        "stale"), so errors while the page changes are polled through."""
+        driver.execute_script("window.__left = false")
         element.click()
-        WebDriverWait(driver, 30).until(staleness_of(element))
+        WebDriverWait(driver, 30, ignored_exceptions=(WebDriverException,)).until(
+            lambda d: d.execute_script("return window.__left === undefined && document.readyState === 'complete'"))
 
     clicks = []
     try:
