@@ -44,6 +44,42 @@ def _errors() -> Iterator[None]:
         raise typer.Exit(130) from None
 
 
+# ================================================================================================ data
+
+data_app = typer.Typer(rich_markup_mode="rich", no_args_is_help=True,
+                       help="Datasets: [green]export[/green] one in the image-folder layout your own data uses.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("export")
+def data_export(
+    out: Annotated[Path, typer.Option(help="folder to write (replaced only if this command wrote it)")],
+    dataset: Annotated[str, typer.Option(help="registered dataset to export")] = "digits",
+    root: Annotated[Optional[Path], typer.Option(help="its root [dim](embedded data sets: written afresh)[/dim]")]
+    = None,
+    image_size: Annotated[int, typer.Option(min=4, help="size the images are written at (the digits: 8, as "
+                                                        "stored)")] = 8,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+) -> None:
+    """Write a dataset as [bold]train/<class>/[/bold], [bold]test/<class>/[/bold], its human masks as
+    [bold]masks/[/bold] and as a COCO file [bold]annotations.json[/bold]: the layout `data.name: folder` reads."""
+    import tempfile
+
+    from pipeline.data import DATASETS, load_dataset
+    from pipeline.export import export_folder
+
+    with _errors():
+        spec = DATASETS.get(dataset, "dataset")
+        with tempfile.TemporaryDirectory() as scratch:
+            if root is None and spec.embedded_writer is not None:
+                root = Path(scratch) / "tree"
+                spec.embedded_writer(root)
+            splits = {s: load_dataset(dataset, str(root) if root else None, s, image_size) for s in ("train", "test")}
+            summary = export_folder(splits, out, progress=not quiet)
+    console.print(f"[green]wrote[/green] {escape(str(out))}: {summary['images']} images, {summary['masks']} masks "
+                  f"(masks/ and annotations.json)", soft_wrap=True)
+
+
 # ================================================================================================ masks
 
 masks_app = typer.Typer(rich_markup_mode="rich", no_args_is_help=True,
@@ -124,28 +160,36 @@ def masks_synthetic(
 
 @masks_app.command("human")
 def masks_human(
-    root: Annotated[Path, typer.Option(help="CUB_200_2011 folder (with [bold]segmentations/[/bold] inside or "
-                                            "beside it)")],
+    root: Annotated[Path, typer.Option(help="dataset root: a CUB_200_2011 folder (segmentations/ inside or beside "
+                                            "it), or your image folder (masks/ inside it, or --coco)")],
     out: Annotated[Path, typer.Option(help="store to write (replaced atomically)")],
     image_size: Annotated[Optional[int], typer.Option(min=4, help="must match training "
                                                                   "[dim](default: data.image_size)[/dim]")] = None,
     threshold: Annotated[Optional[float], typer.Option(help="salient where value / 255 >= threshold "
                                                             "[dim](default: human_masks.threshold)[/dim]")] = None,
-    missing: Annotated[Optional[MissingChoice], typer.Option(help="missing/unreadable segmentations: error, or "
-                                                                  "empty masks [dim](default: human_masks.missing)"
-                                                                  "[/dim]")] = None,
-    dataset: Annotated[str, typer.Option(help="dataset name the store is for: [bold]cub[/bold], or "
-                                              "[bold]digits[/bold] for the embedded default")] = "cub",
+    missing: Annotated[Optional[MissingChoice], typer.Option(help="an image without a mask, or with an unreadable "
+                                                                  "one: error, or an empty mask [dim](default: "
+                                                                  "human_masks.missing)[/dim]")] = None,
+    coco: Annotated[Optional[str], typer.Option(help="COCO instances file, relative to --root: masks from its "
+                                                     "polygons / RLE instead of mask files [dim](default: "
+                                                     "human_masks.coco.file)[/dim]")] = None,
+    category: Annotated[Optional[list[str]], typer.Option(help="with --coco: only this category's instances "
+                                                               "(repeat for several; default: all)")] = None,
+    dataset: Annotated[str, typer.Option(help="dataset name the store is for: [bold]cub[/bold], "
+                                              "[bold]folder[/bold] (your images), or [bold]digits[/bold] for the "
+                                              "embedded default")] = "cub",
     params: Annotated[Path, typer.Option(help="where defaults come from, when the file exists")]
     = Path("params.yaml"),
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
-    """Human masks (SIP-H) of the training split from CUB segmentations."""
-    from pipeline.core.config import HumanMaskConfig
+    """Human masks (SIP-H) of the training split: from CUB segmentations, a mask folder or a COCO file."""
+    from pipeline.core.config import CocoConfig, HumanMaskConfig
     from pipeline.data import load_dataset
     from pipeline.human_masks import extract_human
 
     _check_unit(threshold, "--threshold")
+    if category and coco is None:
+        raise typer.BadParameter("needs --coco", param_hint="--category")
     with _errors():
         defaults, size = HumanMaskConfig(), image_size
         chunk_size = batch_size = 256
@@ -155,11 +199,12 @@ def masks_human(
             size = size or cfg.data.image_size
         if size is None:
             raise typer.BadParameter(f"no --image-size given and {params} does not exist", param_hint="--image-size")
+        source = CocoConfig(file=coco, categories=category or []) if coco is not None else defaults.coco
         ds = load_dataset(dataset, str(root), "train", size)
         attrs = extract_human(ds, out, root=root,
                               threshold=threshold if threshold is not None else defaults.threshold,
                               missing=missing.value if missing is not None else defaults.missing,
-                              chunk_size=chunk_size, batch_size=batch_size, progress=not quiet)
+                              chunk_size=chunk_size, batch_size=batch_size, progress=not quiet, coco=source)
     _print_written(out, attrs)
 
 

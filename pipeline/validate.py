@@ -54,7 +54,8 @@ def _pretrained_problems(cfg: Config) -> list[str]:
 def check_data(cfg: Config, train_split) -> None:
     """What the parameters ask of the data: a strategy that reads human masks needs segmentations."""
     strategy = STRATEGIES.get(cfg.strategy, "strategy")
-    if strategy.mask_kind == "human" and not getattr(train_split, "has_segmentations", False):
+    annotated = getattr(train_split, "has_segmentations", False) or cfg.human_masks.coco is not None
+    if strategy.mask_kind == "human" and not annotated:
         raise ConfigError(f"strategy: {cfg.strategy!r} trains with human masks, but dataset {cfg.dataset!r} has no "
                           f"segmentations to make them from; choose another strategy (sip_s uses the teacher's "
                           f"synthetic masks)")

@@ -1,4 +1,4 @@
-"""Stage `masks_human`: masks of the training split from human segmentations (CUB layout).
+"""Stage `masks_human`: masks of the training split from human annotations (mask files or a COCO file).
 
     python -m stages.masks_human --out data/masks/human.zarr
 
@@ -32,12 +32,12 @@ def main() -> None:
         dataset = load_dataset(cfg.dataset, cfg.data.root, "train", cfg.data.image_size)
         # a user's folder, a read-only one or too little space for the uncompressed masks: refused now
         check_output(args.out, is_dir=True, min_free=len(dataset) * packed_width(dataset.image_shape))
-        if not dataset.has_segmentations:
+        if not dataset.has_segmentations and cfg.human_masks.coco is None:
             write_no_human_masks(dataset, args.out, root=cfg.data.root)
             return
         attrs = extract_human(dataset, args.out, root=cfg.data.root, threshold=cfg.human_masks.threshold,
                               missing=cfg.human_masks.missing, chunk_size=cfg.salience.chunk_size,
-                              batch_size=cfg.salience.batch_size)
+                              batch_size=cfg.salience.batch_size, coco=cfg.human_masks.coco)
     log.info("%s: %d masks, salient fraction mean %.3f, counts %s", args.out, attrs["n"],
              attrs["coverage"].get("mean", 0.0), attrs.get("counts", {}))
 

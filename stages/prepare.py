@@ -48,6 +48,7 @@ def main() -> None:
         from pipeline.core.config import load_config
         from pipeline.core.utils import atomic_path, limit_threads, setup_logging, write_json
         from pipeline.data import DATASETS, content_fingerprint, load_dataset
+        from pipeline.human_masks import mask_source
         from pipeline.validate import check_config, check_data
 
         setup_logging()
@@ -65,6 +66,12 @@ def main() -> None:
                 root = cfg.data.root
             splits = {s: load_dataset(cfg.dataset, root, s, cfg.data.image_size) for s in ("train", "test")}
             check_data(cfg, splits["train"])  # e.g. sip_h on a data set without segmentations
+            if cfg.human_masks.coco is not None or hasattr(splits["train"], "annotation_problems"):
+                # a broken COCO file or a mask without its image: named now, not after the teacher's training
+                source = mask_source(splits["train"], root=root, coco=cfg.human_masks.coco)
+                problems = source.problems() if source is not None else []
+                if problems:
+                    raise DatasetError(f"{len(problems)} mask problem(s): " + "; ".join(problems[:5]))
             unreadable = [msg for ds in splits.values() for msg in ds.unreadable_images()]
             if unreadable:
                 shown = "; ".join(unreadable[:5]) + (f"; ... and {len(unreadable) - 5} more" if len(unreadable) > 5

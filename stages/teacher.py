@@ -1,4 +1,5 @@
-"""Stage `teacher`: Madry PGD-AT of the robust teacher, the source of the synthetic masks.
+"""Stage `teacher`: Madry PGD-AT of the robust teacher, the source of the synthetic masks; or, with
+`teacher.checkpoint` set, the user's robust checkpoint, checked and written in this project's format.
 
     python -m stages.teacher --out data/teacher/model.pt --history data/teacher/history.json \
         --plot data/teacher/history.png
@@ -15,7 +16,7 @@ from pipeline.core.utils import check_output, limit_threads, setup_logging, writ
 from pipeline.distributed import is_main
 from pipeline.strategies import madry  # noqa: F401  (the teacher's strategy)
 from pipeline.training.curves import plot_history
-from pipeline.training.run import train_run
+from pipeline.training.run import import_teacher, train_run
 
 
 def main() -> None:
@@ -32,11 +33,17 @@ def main() -> None:
         if args.plot:
             check_output(args.plot, kind="png")
         cfg = load_config()
-        summary = train_run(cfg, "teacher", args.out)
+        if cfg.teacher.checkpoint is not None:  # the user's robust checkpoint instead of training one
+            summary = import_teacher(cfg, args.out) if is_main() else {}
+            title = f"teacher: imported from {cfg.teacher.checkpoint} (not trained here)"
+        else:
+            summary = train_run(cfg, "teacher", args.out)
+            title = f"teacher: madry, {cfg.teacher.model} on {cfg.dataset}"
     if is_main():  # under torchrun only rank 0 writes
-        write_json(args.history, {"history": summary["history"]})
+        write_json(args.history, {"history": summary["history"],
+                                  **({"imported_from": summary["imported_from"]} if "imported_from" in summary else {})})
         if args.plot:
-            plot_history(summary["history"], args.plot, title=f"teacher: madry, {cfg.teacher.model} on {cfg.dataset}",
+            plot_history(summary["history"], args.plot, title=title,
                          selected_epoch=summary.get("selected_epoch"), select=summary.get("select"))
 
 

@@ -102,13 +102,16 @@ def test_bytecode_caches_make_no_stage_stale(tiny_repo):
 
 
 def _status(root, env) -> set[str]:
-    """Stages with changed dependencies (`prepare`, which re-reads the data root at every repro and so is always
-    listed as "always changed", counts only when something else of it changed)."""
+    """Stages with changed dependencies (`prepare` and `sources`, which re-read their inputs at every repro and so
+    are always listed as "always changed", count only when something else of them changed)."""
     out = _run(["dvc", "status", "--json"], root, env)
     status = json.loads(out[out.index("{"):])
-    prepare = status.pop("prepare", ["always changed"])
-    assert "always changed" in prepare
-    return set(status) | ({"prepare"} if len(prepare) > 1 else set())
+    changed = set()
+    for always in ("prepare", "sources"):  # the stages that re-read their inputs at every repro
+        record = status.pop(always, ["always changed"])
+        assert "always changed" in record
+        changed |= {always} if len(record) > 1 else set()
+    return set(status) | changed
 
 
 def _stage_modules() -> dict[str, str]:
@@ -341,3 +344,38 @@ def test_queued_grid_runs_in_parallel_and_reports(tiny_repo):
         assert "(2 seeds)" in row, row  # two seeds each
     assert len(plots) == 1 and plots[0].stat().st_size > 1000
     assert "(DVC experiments)" in out
+
+
+def test_your_own_data_worked_example(tiny_repo):
+    """README, "Your own data": the digits exported as an image folder with a mask folder and a COCO file, then
+    SIP-H on it; then the same with the COCO file and a teacher from a checkpoint file."""
+    import torch
+
+    root, env = tiny_repo
+    _run([sys.executable, "-m", "pipeline.cli", "data", "export", "--out", "data/own/digits", "-q"], root, env)
+    assert (root / "data/own/digits/masks/train").is_dir() and (root / "data/own/digits/annotations.json").is_file()
+    _run(["git", "add", "-A"], root, env)
+    _run(["git", "commit", "-qm", "own data", "--allow-empty"], root, env)
+    folder = ["-S", "dataset=folder", "-S", "data.root=data/own/digits", "-S", "strategy=sip_h"]
+    out = _run(["dvc", "exp", "run", *folder], root, env)
+    assert "Running stage 'masks_human'" in out and "Running stage 'evaluate'" in out
+    m = json.loads((root / "data/metrics/student.json").read_text())
+    assert m["strategy"] == "sip_h" and m["dataset"] == "folder" and m["n_examples"] == 12
+    human = json.loads((root / "data/masks/human.zarr/zarr.json").read_text())["attributes"]
+    assert human["segmentations"].endswith("masks") and "nearest-neighbour" in human["rule"]
+
+    shutil.copy(root / "data/teacher/model.pt", root / "data/own/teacher.pt")
+    out = _run(["dvc", "exp", "run", *folder, "-S", "human_masks.coco={file: annotations.json}",
+                "-S", "teacher.checkpoint=data/own/teacher.pt"], root, env)
+    assert "Running stage 'masks_human'" in out and "Running stage 'teacher'" in out
+    human = json.loads((root / "data/masks/human.zarr/zarr.json").read_text())["attributes"]
+    assert human["segmentations"]["coco"].endswith("annotations.json") and human["n"] == 1438
+    meta = torch.load(root / "data/teacher/model.pt", weights_only=True)["meta"]
+    assert meta["imported_from"]["path"] == "data/own/teacher.pt" and meta["imported_from"]["format"] == "sipat"
+    # a replaced checkpoint file (same path, same parameters) reruns the teacher once `sources` has read it
+    assert "teacher" not in _status(root, env)
+    blob = torch.load(root / "data/own/teacher.pt", weights_only=True)
+    blob["meta"]["note"] = "fine-tuned elsewhere"
+    torch.save(blob, root / "data/own/teacher.pt")
+    _run(["dvc", "repro", "sources"], root, env)
+    assert "teacher" in _status(root, env) and "masks_human" not in _status(root, env)

@@ -111,6 +111,12 @@ class OptimConfig(_Strict):
 
 class TeacherConfig(OptimConfig):
     model: str = "smallcnn"
+    # a robust checkpoint to use instead of training one: this project's format, or a plain state_dict of
+    # `model`; null: train the teacher (Madry PGD-AT)
+    checkpoint: Optional[str] = None
+    # what a plain state_dict's network expects as input: "dataset" (normalised with the dataset's mean and std,
+    # as this project's models), "none" ([0, 1] images as they are) or "imagenet" (ImageNet mean and std)
+    input_normalization: Literal["dataset", "none", "imagenet"] = "dataset"
     seed: Seed = 0  # separate from the student's seed: a seed grid must not retrain the teacher
     split_seed: Seed = 0  # the teacher's own train/validation split, so that a student's split can vary alone
     select: Literal["last", "clean", "robust"] = "robust"
@@ -140,11 +146,19 @@ class SalienceConfig(_Strict):
     chunk_size: int = Field(256, ge=1)
 
 
+class CocoConfig(_Strict):
+    """Human masks from a COCO instances file instead of mask files."""
+
+    file: str = Field(min_length=1)  # relative to data.root (it may not lead outside it)
+    categories: list[str] = Field(default_factory=list)  # union of these categories' instances; empty: all
+
+
 class HumanMaskConfig(_Strict):
     # salient where segmentation / 255 >= threshold, an absolute level as in the authors' code
     # (Temp_CVPR train_model.py thresholds the [0, 1] map at 0.5)
     threshold: float = Field(0.5, gt=0.0, le=1.0)
-    missing: Literal["error", "empty"] = "error"
+    missing: Literal["error", "empty"] = "error"  # an image without a mask: stop, naming it, or an empty mask
+    coco: Optional[CocoConfig] = None  # null: the dataset's mask files (CUB segmentations/, a folder's masks/)
 
 
 class EvalConfig(_Strict):

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 import torch
 
+from pipeline.core import errors as _errors
 from pipeline.core.errors import ConfigError, OutputConflict
 
 log = logging.getLogger("sipat")
@@ -337,3 +338,17 @@ def sha256_file(path: str | Path, limit: int | None = None) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:limit] if limit else h.hexdigest()
+
+
+def inside(base: str | Path, rel: str | Path, where: str) -> Path:
+    """`base / rel` with every symlink followed; DatasetError naming `where` unless it lies inside `base`.
+
+    Index files are input like any other: an entry may not reach files outside the dataset (an absolute path,
+    `..`, or a symlink out of the tree).
+    """
+    real_base = os.path.realpath(base)
+    path = os.path.realpath(os.path.join(real_base, rel))
+    if os.path.commonpath([real_base, path]) != real_base:
+        raise _errors.DatasetError(f"{where}: {str(rel)!r} leads outside {base} (to {path}); dataset paths must stay "
+                           f"inside the dataset root")
+    return Path(path)

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from pipeline.core.errors import ConfigError, DatasetError  # noqa: F401  (DatasetError re-exported)
 from pipeline.core.registry import Registry
+from pipeline.core.utils import inside  # noqa: F401  (re-exported: the loaders' path check)
 
 log = logging.getLogger(__name__)
 
@@ -117,20 +118,6 @@ class ImageDataset(torch.utils.data.Dataset):
             results = list(tqdm(pool.map(one, range(len(self))), total=len(self), unit="img", leave=False,
                                 desc=f"decode {self.name}/{self.split}", disable=not progress))
         return [r for r in results if r is not None]
-
-
-def inside(base: str | Path, rel: str | Path, where: str) -> Path:
-    """`base / rel` with every symlink followed; DatasetError naming `where` unless it lies inside `base`.
-
-    Index files are input like any other: an entry may not reach files outside the dataset (an absolute path,
-    `..`, or a symlink out of the tree).
-    """
-    real_base = os.path.realpath(base)
-    path = os.path.realpath(os.path.join(real_base, rel))
-    if os.path.commonpath([real_base, path]) != real_base:
-        raise DatasetError(f"{where}: {str(rel)!r} leads outside {base} (to {path}); dataset paths must stay "
-                           f"inside the dataset root")
-    return Path(path)
 
 
 def content_fingerprint(datasets: Sequence[ImageDataset], progress: bool = True) -> dict:
@@ -279,7 +266,7 @@ class BatchIterator:
 
 
 def _register_builtin() -> None:
-    from pipeline.data import cifar, cluttered, cub, digits  # noqa: F401  (registration side effects)
+    from pipeline.data import cifar, cluttered, cub, digits, folder  # noqa: F401  (registration side effects)
 
 
 _register_builtin()

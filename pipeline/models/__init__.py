@@ -56,6 +56,10 @@ def build_model(arch: str, num_classes: int, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0
 
 
 FORMAT = "sipat-checkpoint-v1"
+
+
+class ForeignCheckpoint(CheckpointError):
+    """A readable file that is not this project's checkpoint (a plain state_dict, another format)."""
 _META_KEYS = ("arch", "num_classes", "mean", "std")
 
 
@@ -108,7 +112,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         what = ("a bare state_dict" if isinstance(blob, dict) and blob and
                 all(isinstance(v, torch.Tensor) for v in blob.values()) else type(blob).__name__)
-        raise CheckpointError(f"{path}: not a checkpoint written by this project ({what}, no {FORMAT!r} format "
+        raise ForeignCheckpoint(f"{path}: not a checkpoint written by this project ({what}, no {FORMAT!r} format "
                               f"tag); train it with the pipeline or wrap it with save_checkpoint")
     meta, state = blob.get("meta"), blob.get("state_dict")
     if not isinstance(meta, dict) or not isinstance(state, dict) or any(k not in meta for k in _META_KEYS):
@@ -125,6 +129,37 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
                               f"classes: {misfit}")
     model.load_state_dict(state)
     return model.to(device).eval(), meta
+
+
+NORMALISATIONS = {"none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+                  "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
+
+
+def load_state_dict_file(path: str | Path, arch: str, num_classes: int, mean, std) -> Classifier:
+    """A registered architecture with the weights of a plain state_dict file (its own keys, as `arch`'s network
+    names them; a "state_dict" or "model" wrapper and DataParallel's "module." prefix are unwrapped). The
+    network is wrapped to normalise its [0, 1] input with `mean` and `std`. Keys that do not fit are a
+    CheckpointError naming them."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many types for a damaged or foreign file
+        raise CheckpointError(f"{path}: not a readable PyTorch state_dict ({_first_line(err)})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(blob, dict) and isinstance(blob.get(key), dict):
+            blob = blob[key]
+    if not isinstance(blob, dict) or not blob or not all(isinstance(v, torch.Tensor) for v in blob.values()):
+        raise CheckpointError(f"{path}: not a state_dict (a mapping of parameter names to tensors)")
+    state = {k.removeprefix("module."): v for k, v in blob.items()}
+    model = build_model(arch, num_classes, mean, std, pretrained=False)
+    misfit = _state_misfit(model.net.state_dict(), state)
+    if misfit:
+        raise CheckpointError(f"{path}: a state_dict that does not fit architecture {arch!r} with {num_classes} "
+                              f"classes: {misfit}; set teacher.model to the checkpoint's architecture")
+    model.net.load_state_dict(state)
+    return model.eval()
 
 
 def _state_misfit(want: dict[str, torch.Tensor], have: dict[str, Any]) -> str:

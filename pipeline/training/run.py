@@ -168,3 +168,34 @@ def _run_key(cfg: Config, role: str, fingerprint: str, world_size: int) -> str:
     parts = {"role": role, "fingerprint": fingerprint, "world": world_size,
              "cfg": cfg.model_dump(exclude={"evaluate", "salience", "human_masks", "device"})}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def import_teacher(cfg: Config, out: str | Path) -> dict[str, Any]:
+    """The teacher from the file `teacher.checkpoint` names, checked and written to `out` in this project's format
+    with the same metadata as a trained teacher, plus where it came from (`imported_from`)."""
+    from pipeline.core.errors import CheckpointError
+    from pipeline.core.utils import sha256_file
+    from pipeline.data import load_dataset
+    from pipeline.models import (NORMALISATIONS, ForeignCheckpoint, check_checkpoint_matches, load_checkpoint,
+                                 load_state_dict_file)
+
+    path = Path(cfg.teacher.checkpoint)
+    ds = load_dataset(cfg.dataset, cfg.data.root, "train", cfg.data.image_size)
+    source = {"path": str(path), "sha256": sha256_file(path)}
+    try:
+        model, meta = load_checkpoint(path)
+        check_checkpoint_matches(meta, ds, path)
+        source.update(format="sipat", trained_as=meta.get("role"), strategy=meta.get("strategy"))
+        meta = {**meta, "role": "teacher"}
+    except ForeignCheckpoint:  # a plain state_dict of teacher.model
+        mean, std = NORMALISATIONS.get(cfg.teacher.input_normalization, (ds.mean, ds.std))
+        model = load_state_dict_file(path, cfg.teacher.model, ds.num_classes, mean, std)
+        source.update(format="state_dict", input_normalization=cfg.teacher.input_normalization)
+        meta = {"arch": cfg.teacher.model, "num_classes": ds.num_classes, "mean": list(mean), "std": list(std),
+                "image_shape": list(ds.image_shape), "dataset": cfg.dataset, "role": "teacher",
+                "strategy": "imported"}  # no data fingerprints: nothing says which data it was trained on
+    if model.mean.shape[1] != ds.channels:
+        raise CheckpointError(f"{path}: normalises {model.mean.shape[1]} channels, the dataset has {ds.channels}")
+    meta["imported_from"] = source
+    save_checkpoint(out, model, meta)
+    return {"history": [], "imported_from": source}
