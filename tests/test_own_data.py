@@ -42,7 +42,7 @@ TREE = [("train", "cat", "a", (0, 0, 4, 4)), ("train", "cat", "b", (4, 4, 8, 8))
 @pytest.fixture
 def tree(tmp_path):
     """train/<class>/*.png (one JPEG), test/<class>/*.png and masks/ mirroring them."""
-    root = tmp_path / "mine"
+    root = tmp_path / "foreign"
     for k, (split, cls, stem, box) in enumerate(TREE):
         ext = ".jpg" if stem == "b" else ".png"
         _image(root / split / cls / f"{stem}{ext}", 40 * (k + 1))
@@ -308,3 +308,42 @@ def test_a_project_checkpoint_for_other_data_is_refused(tree, tmp_path):
                                                     "std": [1.0] * 3, "role": "student", "dataset": "cub"})
     with pytest.raises(CheckpointError, match="classes: checkpoint 3, configured 2"):
         import_teacher(_cfg(tree, tmp_path / "other.pt"), tmp_path / "teacher.pt")
+
+
+def test_the_cli_writes_a_human_store_from_a_coco_file(tree, tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    _coco(tree, [{"id": 1, "image_id": 1, "category_id": 1, "segmentation": _poly((0, 0, 2, 2))},
+                 {"id": 2, "image_id": 2, "category_id": 2, "segmentation": _poly((0, 0, 4, 4))}])
+    args = ["masks", "human", "--dataset", "folder", "--root", str(tree), "--out", str(tmp_path / "h.zarr"),
+            "--image-size", "8", "--params", str(tmp_path / "none.yaml"), "--coco", "annotations.json", "-q"]
+    res = CliRunner().invoke(app, args + ["--category", "head"], terminal_width=200)
+    assert res.exit_code == 1 and "2 of 3 image(s) of folder/train have no mask" in res.output, res.output
+    res = CliRunner().invoke(app, args + ["--missing", "empty"], terminal_width=200)
+    assert res.exit_code == 0 and "wrote" in res.output and "3 human masks" in res.output, res.output
+    attrs = json.loads((tmp_path / "h.zarr" / "zarr.json").read_text())["attributes"]
+    assert attrs["segmentations"]["categories"] == "all" and attrs["counts"]["missing_segmentations"] == 1
+
+
+def test_export_round_trips_and_never_replaces_a_foreign_folder(tree, tmp_path):
+    from pipeline.core.errors import OutputConflict
+    from pipeline.export import export_folder
+
+    splits = {s: load_dataset("folder", str(tree), s, SIZE) for s in ("train", "test")}
+    summary = export_folder(splits, tmp_path / "out", progress=False)
+    assert summary == {"images": 5, "masks": 5}
+    again = load_dataset("folder", str(tmp_path / "out"), "train", SIZE)
+    assert again.class_names == ["cat", "dog"] and list(again.labels) == list(splits["train"].labels)
+    assert all(torch.equal(again.image_uint8(i), splits["train"].image_uint8(i)) for i in range(3))
+    files = torch.cat([m for _, m in human_masks(again, progress=False)])
+    coco = mask_source(again, root=tmp_path / "out", coco=CocoConfig(file="annotations.json"))
+    assert torch.equal(files, torch.cat([m for _, m in human_masks(again, source=coco, progress=False)]))
+    assert torch.equal(files, torch.cat([m for _, m in human_masks(splits["train"], progress=False)]))
+    export_folder(splits, tmp_path / "out", progress=False)  # its own output: replaced
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("keep")
+    with pytest.raises(OutputConflict):
+        export_folder(splits, tmp_path / "foreign", progress=False)
+    assert (tmp_path / "foreign" / "notes.txt").read_text() == "keep"
