@@ -42,7 +42,7 @@ TREE = [("train", "cat", "a", (0, 0, 4, 4)), ("train", "cat", "b", (4, 4, 8, 8))
 @pytest.fixture
 def tree(tmp_path):
     """train/<class>/*.png (one JPEG), test/<class>/*.png and masks/ mirroring them."""
-    root = tmp_path / "foreign"
+    root = tmp_path / "mine"
     for k, (split, cls, stem, box) in enumerate(TREE):
         ext = ".jpg" if stem == "b" else ".png"
         _image(root / split / cls / f"{stem}{ext}", 40 * (k + 1))
