@@ -13,7 +13,7 @@ import argparse
 from pipeline.core.config import load_config
 from pipeline.core.errors import ConfigError, expected_errors
 from pipeline.core.utils import check_output, limit_threads, setup_logging, write_json
-from pipeline.maskstore import store_digest
+from pipeline.maskstore import parse_store_args, store_digest
 from pipeline.strategies import STRATEGIES, builtin  # noqa: F401  (every strategy's mask kind)
 
 
@@ -27,12 +27,7 @@ def main() -> None:
     limit_threads()  # SIPAT_CPUS / SLURM_CPUS_PER_TASK, where set
     with expected_errors():
         check_output(args.out, kind="json")
-        stores = {}
-        for item in args.masks:
-            kind, sep, path = item.partition("=")
-            if not sep or not kind or not path:
-                raise ConfigError(f"--masks expects KIND=PATH (e.g. synthetic=data/masks/synthetic.zarr), got {item!r}")
-            stores[kind] = path
+        stores = parse_store_args(args.masks)
         cfg = load_config()
         kind = STRATEGIES.get(cfg.strategy, "strategy").mask_kind
         record = {"strategy": cfg.strategy, "kind": kind}

@@ -14,22 +14,16 @@ from pipeline.core.config import load_config
 from pipeline.core.errors import ConfigError, expected_errors
 from pipeline.core.utils import check_output, limit_threads, setup_logging, write_json
 from pipeline.distributed import is_main
+from pipeline.maskstore import parse_store_args, store_digest
 from pipeline.strategies import builtin  # noqa: F401  (the student may run any strategy)
 from pipeline.training.curves import plot_history
 from pipeline.training.run import train_run
 
 
 def _masks(items: list[str], record: str | None) -> dict[str, str]:
-    stores = {}
-    for item in items:
-        kind, sep, path = item.partition("=")
-        if not sep or not kind or not path:
-            raise ConfigError(f"--masks expects KIND=PATH (e.g. synthetic=data/masks/synthetic.zarr), got {item!r}")
-        stores[kind] = path
+    stores = parse_store_args(items)
     if record is not None:  # the student_masks stage's record: the one store this strategy reads
         import json
-
-        from pipeline.maskstore import store_digest
 
         rec = json.loads(Path(record).read_text())
         if rec.get("kind") is not None:

@@ -164,3 +164,13 @@ def test_rejects_masks_of_the_wrong_shape(tmp_path):
         write_mask_store(tmp_path / "m.zarr", iter([(0, torch.zeros(2, 3, 4, 4, dtype=torch.bool))]), n=2,
                          shape=(3, 5, 5), attrs={})
     assert not (tmp_path / "m.zarr").exists()
+
+
+def test_store_arguments_are_parsed_and_a_bad_one_is_named():
+    from pipeline.core.errors import ConfigError
+    from pipeline.maskstore import parse_store_args
+
+    assert parse_store_args(["synthetic=a.zarr", "human=b=c.zarr"]) == {"synthetic": "a.zarr", "human": "b=c.zarr"}
+    for bad in ("synthetic", "=a.zarr", "human="):
+        with pytest.raises(ConfigError, match=f"got {bad!r}"):
+            parse_store_args([bad])

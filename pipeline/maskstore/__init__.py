@@ -387,3 +387,16 @@ def dataset_attrs(dataset, root: Optional[str | Path] = None) -> dict[str, Any]:
     return {"dataset": dataset.name, "split": dataset.split, "root": None if root is None else str(root),
             "image_size": int(dataset.image_size), "image_shape": list(dataset.image_shape), "n": len(dataset),
             "num_classes": int(dataset.num_classes), "fingerprint": dataset.fingerprint()}
+
+
+def parse_store_args(items: Sequence[str]) -> dict[str, str]:
+    """`--masks KIND=PATH` arguments as {kind: path}; a malformed one is a ConfigError naming it."""
+    from pipeline.core.errors import ConfigError
+
+    stores = {}
+    for item in items:
+        kind, sep, path = item.partition("=")
+        if not sep or not kind or not path:
+            raise ConfigError(f"--masks expects KIND=PATH (e.g. synthetic=data/masks/synthetic.zarr), got {item!r}")
+        stores[kind] = path
+    return stores
