@@ -246,7 +246,10 @@ def masks_inspect(store: Annotated[Path, typer.Argument(help="a mask store (.zar
     if "teacher" in attrs:
         table.add_row("teacher", _fmt(attrs["teacher"]))
     if "segmentations" in attrs:
-        table.add_row("segmentations", str(attrs["segmentations"]))
+        seg = attrs["segmentations"]
+        if isinstance(seg, dict) and "coco" in seg:  # a COCO file: its path, digest and categories
+            seg = f"COCO {seg['coco']} (sha256 {str(seg.get('sha256'))[:12]}, categories {seg.get('categories')})"
+        table.add_row("segmentations", str(seg))
     cov = attrs.get("coverage", {})
     if cov.get("n"):
         table.add_row("salient fraction", "  ".join(f"{k} {cov[k]:.3f}" for k in

@@ -192,7 +192,9 @@ def _load_teacher(checkpoint: Path, dataset: ImageDataset, device: torch.device,
         "teacher": {"checkpoint": str(checkpoint), "sha256": sha256_file(checkpoint),
                     "arch": meta.get("arch"), "role": meta.get("role", "teacher"),
                     "strategy": meta.get("strategy"), "dataset": meta.get("dataset"),
-                    "dataset_fingerprint": meta.get("dataset_fingerprint")},
+                    "dataset_fingerprint": meta.get("dataset_fingerprint"),
+                    # teacher.checkpoint: the file it was imported from (path, SHA-256, format), else None
+                    "imported_from": meta.get("imported_from")},
     }
     return model, attrs
 

@@ -82,3 +82,13 @@ def digits_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("digits") / "digits_cub"
     write_digits_cub(root)
     return root
+
+
+# The longest files first: under `pytest -n auto --dist loadfile` (make test) each file runs whole on one worker,
+# handed out in collection order, so the end-to-end DVC runs and the SLURM grids start at once instead of last.
+LONGEST_FIRST = ("test_pipeline_e2e.py", "test_grid_slurm.py", "test_survey_app.py", "test_gpu_check.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: k for k, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a file stays

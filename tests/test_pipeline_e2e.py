@@ -82,7 +82,9 @@ def test_dvc_repro_end_to_end(tiny_repo):
         assert ignored.returncode == 1, f"{png} is git-ignored"
 
     again = _run(["dvc", "repro"], root, env)
-    assert [line for line in again.splitlines() if line.startswith("Running stage")] == ["Running stage 'prepare':"]
+    # the two stages that re-read their inputs at every repro, and nothing else
+    assert sorted(line for line in again.splitlines() if line.startswith("Running stage")) == [
+        "Running stage 'prepare':", "Running stage 'sources':"]
     assert _status(root, env) == set()  # prepare wrote the same bytes: nothing downstream is stale
 
     shown = _run(["dvc", "metrics", "show", "--json"], root, env)
@@ -105,9 +107,11 @@ def _status(root, env) -> set[str]:
     """Stages with changed dependencies (`prepare` and `sources`, which re-read their inputs at every repro and so
     are always listed as "always changed", count only when something else of them changed)."""
     # in this process: a `dvc status` command per call costs a second of start-up, and this runs ~90 times
+    import contextlib
+
     from dvc.repo import Repo
 
-    with Repo(str(root)) as repo:
+    with contextlib.chdir(root), Repo(".") as repo:  # from the root, stages are named as the command names them
         status = repo.status()
     changed = set()
     for always in ("prepare", "sources"):  # the stages that re-read their inputs at every repro
@@ -128,8 +132,13 @@ def test_an_edit_reruns_exactly_the_stages_that_run_the_edited_code(tiny_repo):
 
     root, env = tiny_repo
     runs = {stage: {str(f.relative_to(REPO)) for f in _closure(mod)} for stage, mod in _stage_modules().items()}
-    files = sorted(str(f.relative_to(root)) for d in ("pipeline", "stages") for f in (root / d).rglob("*.py")
-                   if f.relative_to(root) != Path("pipeline/__init__.py"))
+    # one file of every code dependency dvc.yaml lists (a folder: its first module), and the modules no stage
+    # lists (the CLI, the report): that each stage lists exactly the code it imports is test_dvc_deps' check;
+    # this one checks that DVC sees an edit through every kind of entry (a status takes ~2 s here)
+    deps = {d for spec in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].values()
+            for d in spec.get("deps", []) if d.split("/")[0] in ("pipeline", "stages")}
+    files = sorted({d if d.endswith(".py") else str(min((root / d).rglob("*.py")).relative_to(root))
+                    for d in deps} | {"pipeline/cli.py", "pipeline/report.py", "pipeline/grid.py"})
     assert len(files) > 20
     for rel in files:
         path = root / rel
@@ -233,7 +242,7 @@ def test_another_strategys_parameter_does_not_rerun_the_evaluation(tiny_repo):
     try:
         out = _run(["dvc", "repro"], root, env)
         ran = [line for line in out.splitlines() if line.startswith("Running stage")]
-        assert ran == ["Running stage 'prepare':", "Running stage 'train':"], ran
+        assert sorted(ran) == ["Running stage 'prepare':", "Running stage 'sources':", "Running stage 'train':"], ran
     finally:
         params_file.write_text(original)
         _run(["dvc", "repro"], root, env)
@@ -326,7 +335,8 @@ def test_queued_grid_runs_in_parallel_and_reports(tiny_repo):
     import time
 
     root, env = tiny_repo
-    _run(["dvc", "exp", "run", "--queue", "-S", "strategy=basic,madry", "-S", "seed=0,1"], root, env)
+    # two runs, so that both workers run at once and the report pairs two seeds (basic: the fastest to train)
+    _run(["dvc", "exp", "run", "--queue", "-S", "strategy=basic", "-S", "seed=0,1"], root, env)
     # The queue's workers run detached and may keep inherited pipes open: no captured output for this call.
     subprocess.run(["dvc", "queue", "start", "-j", "2"], cwd=root, env=env, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL, timeout=120, check=True)
@@ -336,15 +346,14 @@ def test_queued_grid_runs_in_parallel_and_reports(tiny_repo):
         if "Queued" not in status and "Running" not in status:
             break
         time.sleep(5)
-    assert status.count("Success") >= 4, status
+    assert status.count("Success") >= 2, status
     _run(["dvc", "queue", "stop"], root, env)
     _end_queue_workers(root)
     out = _run([str(Path(sys.executable).parent / "sipat"), "report", "--out", "r.md", "--plot", "r.png"], root, env)
     plots = list(root.glob("r_*.png"))  # one plot per group of comparable runs, named after the group
     table = (root / "r.md").read_text()
-    for label in ("Basic", "Madry"):
-        row = next(line for line in table.splitlines() if line.startswith(f"| {label} <sub>"))
-        assert "(2 seeds)" in row, row  # two seeds each
+    row = next(line for line in table.splitlines() if line.startswith("| Basic <sub>"))
+    assert "(2 seeds)" in row, row
     assert len(plots) == 1 and plots[0].stat().st_size > 1000
     assert "(DVC experiments)" in out
 
@@ -375,6 +384,8 @@ def test_your_own_data_worked_example(tiny_repo):
     assert human["segmentations"]["coco"].endswith("annotations.json") and human["n"] == 1438
     meta = torch.load(root / "data/teacher/model.pt", weights_only=True)["meta"]
     assert meta["imported_from"]["path"] == "data/own/teacher.pt" and meta["imported_from"]["format"] == "sipat"
+    synthetic = json.loads((root / "data/masks/synthetic.zarr/zarr.json").read_text())["attributes"]
+    assert synthetic["teacher"]["imported_from"] == meta["imported_from"]  # the store names the file
     # a replaced checkpoint file (same path, same parameters) reruns the teacher once `sources` has read it
     assert "teacher" not in _status(root, env)
     blob = torch.load(root / "data/own/teacher.pt", weights_only=True)
