@@ -15,10 +15,12 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where used: the stages that only hash files skip its ~2 s import
+    import torch
 
 from pipeline.core import errors as _errors
 from pipeline.core.errors import ConfigError, OutputConflict
@@ -54,11 +56,15 @@ def limit_threads() -> Optional[int]:
     each start one thread per core and slow one another down many times over."""
     budget = cpu_budget()
     if budget is not None:
+        import torch
+
         torch.set_num_threads(budget)
     return budget
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -71,6 +77,8 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def seed_everything(seed: int) -> torch.Generator:
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

@@ -1,4 +1,7 @@
-"""torchvision ResNet-18, ResNet-50 and DenseNet-121, optionally from ImageNet weights in the local torch cache."""
+"""torchvision ResNet-18, ResNet-50 and DenseNet-121, optionally from ImageNet weights in the local torch cache.
+
+torchvision is imported when one of them is built: its import costs about 2 s of CPU, which every stage process
+would otherwise pay for the registry alone."""
 
 from __future__ import annotations
 
@@ -8,7 +11,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torchvision.models as tvm
 
 from pipeline.core.errors import SipatError
 from pipeline.models import MODELS, ModelSpec
@@ -18,7 +20,7 @@ class PretrainedWeightsMissing(SipatError, FileNotFoundError):
     """ImageNet weights asked for but not in the local torch cache (nothing is downloaded)."""
 
 
-def cached_weights(weights: tvm.WeightsEnum) -> dict:
+def cached_weights(weights) -> dict:
     """Load ImageNet weights from the torch hub cache; never download (this may run offline)."""
     fname = os.path.basename(weights.url)
     path = Path(torch.hub.get_dir()) / "checkpoints" / fname
@@ -31,6 +33,8 @@ def cached_weights(weights: tvm.WeightsEnum) -> dict:
 
 
 def _resnet18_tv(num_classes: int, pretrained: bool = False) -> nn.Module:
+    import torchvision.models as tvm
+
     # torchvision's ImageNet network unchanged (7×7 stride-2 stem, max-pool): the SIP-AT authors' model code
     # (Temp_CVPR utils/model_loader.py) wraps torchvision's ImageNet networks only; at 32 px layer4 is 1×1
     net = tvm.resnet18(weights=None)
@@ -41,6 +45,8 @@ def _resnet18_tv(num_classes: int, pretrained: bool = False) -> nn.Module:
 
 
 def _resnet50(num_classes: int, pretrained: bool = False) -> nn.Module:
+    import torchvision.models as tvm
+
     net = tvm.resnet50(weights=None)
     if pretrained:
         net.load_state_dict(cached_weights(tvm.ResNet50_Weights.IMAGENET1K_V1))
@@ -49,6 +55,8 @@ def _resnet50(num_classes: int, pretrained: bool = False) -> nn.Module:
 
 
 def _densenet121(num_classes: int, pretrained: bool = False) -> nn.Module:
+    import torchvision.models as tvm
+
     net = tvm.densenet121(weights=None)
     if pretrained:
         state = cached_weights(tvm.DenseNet121_Weights.IMAGENET1K_V1)
