@@ -12,7 +12,7 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
@@ -100,6 +100,16 @@ class ImageDataset(torch.utils.data.Dataset):
     def source_files(self) -> dict[str, Path]:
         """Every file this split reads, by a name relative to the dataset root (for `content_fingerprint`)."""
         return {}
+
+    def _segmentation_files(self, folder: str) -> dict[str, Path]:
+        """For `source_files` of datasets read from image files (`relpaths`): the segmentation files present, named
+        `folder/<image path>.png` (an absent one is `human_masks.missing`'s business)."""
+        files = {}
+        for i, rel in enumerate(self.relpaths):
+            seg = self.segmentation_path(i)
+            if seg.is_file():
+                files[f"{folder}/{PurePosixPath(rel).with_suffix('.png')}"] = seg
+        return files
 
     def unreadable_images(self, workers: Optional[int] = None, progress: bool = True) -> list[str]:
         """Decode every image once; the messages of those that fail (an empty list when all decode)."""

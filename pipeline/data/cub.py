@@ -162,10 +162,7 @@ class CUBDataset(ImageDataset):
         files = {name: self.root / name for name in INDEX_FILES}
         files.update((f"images/{rel}", path) for rel, path in zip(self.relpaths, self.image_paths))
         if self.seg_root is not None:
-            for i, rel in enumerate(self.relpaths):
-                seg = self.segmentation_path(i)
-                if seg.is_file():  # absent ones are human_masks.missing's business
-                    files[f"segmentations/{Path(rel).with_suffix('.png')}"] = seg
+            files.update(self._segmentation_files("segmentations"))
         return files
 
 

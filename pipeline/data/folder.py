@@ -169,10 +169,7 @@ class FolderDataset(ImageDataset):
         if self.layout == "manifest":
             files[MANIFEST] = self.root / MANIFEST
         if self.has_segmentations:
-            for i, rel in enumerate(self.relpaths):
-                seg = self.segmentation_path(i)
-                if seg.is_file():  # absent ones are human_masks.missing's business
-                    files[f"{MASKS}/{PurePosixPath(rel).with_suffix('.png')}"] = seg
+            files.update(self._segmentation_files(MASKS))
         return files
 
 
