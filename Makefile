@@ -21,7 +21,7 @@ repro: $(STAMP)
 	@echo "Every key, with the per-attack breakdown: dvc metrics show"
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=25 -n auto --dist loadfile   # one worker per core, a file's tests together
+	$(BIN)/python -m pytest -q --durations=25 -n auto --dist loadfile --no-loadscope-reorder   # one worker per core, a file's tests together, in conftest's order
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/salience_extraction.py

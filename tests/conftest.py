@@ -84,8 +84,9 @@ def digits_root(tmp_path_factory) -> Path:
     return root
 
 
-# The longest files first: under `pytest -n auto --dist loadfile` (make test) each file runs whole on one worker,
-# handed out in collection order, so the end-to-end DVC runs and the SLURM grids start at once instead of last.
+# The longest files first: under `pytest -n auto --dist loadfile --no-loadscope-reorder` (make test) each file runs
+# whole on one worker, handed out in collection order, so the end-to-end DVC runs and the SLURM grids start at once
+# instead of last (xdist's default order, by number of tests per file, put the one-test files last).
 LONGEST_FIRST = ("test_pipeline_e2e.py", "test_grid_slurm.py", "test_own_data_e2e.py", "test_survey_app.py",
                  "test_gpu_check.py")
 
