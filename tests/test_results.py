@@ -181,3 +181,23 @@ def test_a_grid_goes_on_from_its_published_record_on_a_clone_without_its_work_fo
     assert g.published_runs(restored) == {"g-madry-s0", "g-sip_s-s0"}
     prov = collect(repo, restored, repo / "results" / "g")  # the earlier runs stay collected
     assert prov["runs"] == 2 and prov["missing"] == ["g-fat-s0"]
+
+
+def test_the_readme_summary_of_verdicts_agrees_with_the_published_sections():
+    """The table of verdicts at the top of "Results" is written by hand: each of its cells starts with the verdict
+    that the section of its protocol computed."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| Claim |"))
+    protocols = [cell.strip(" `") for cell in header.strip("|").split("|")[1:]]
+    assert protocols and all(f"<!-- results:{p} -->" in text for p in protocols), protocols
+    rows = [line for line in text.splitlines() if re.match(r"\| C\d ", line)]
+    assert len(rows) == 3
+    for row in rows:
+        claim, *cells = [c.strip() for c in row.strip("|").split("|")]
+        name = claim.split()[0]
+        for protocol, cell in zip(protocols, cells, strict=True):
+            computed = re.search(rf"^- \*\*{name} ([^*(]+?)(?: \(see each variant\))?\*\*:", section(text, protocol),
+                                 re.M).group(1)
+            assert cell.startswith(computed), (name, protocol, cell, computed)
