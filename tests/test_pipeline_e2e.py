@@ -108,16 +108,21 @@ def test_bytecode_caches_make_no_stage_stale(tiny_repo):
     assert _status(root, env) == set()
 
 
-def _status(root, env) -> set[str]:
-    """Stages with changed dependencies (`prepare` and `sources`, which re-read their inputs at every repro and so
-    are always listed as "always changed", count only when something else of them changed)."""
-    # in this process: a `dvc status` command per call costs a second of start-up, and this runs ~90 times
+def _dvc_status(root) -> dict:
+    """`dvc status` of the repository at `root`, in this process (a `dvc status` command costs a second of
+    start-up each time), run from the root so that stages are named as the command names them."""
     import contextlib
 
     from dvc.repo import Repo
 
-    with contextlib.chdir(root), Repo(".") as repo:  # from the root, stages are named as the command names them
-        status = repo.status()
+    with contextlib.chdir(root), Repo(".") as repo:
+        return repo.status()
+
+
+def _status(root, env) -> set[str]:
+    """Stages with changed dependencies (`prepare` and `sources`, which re-read their inputs at every repro and so
+    are always listed as "always changed", count only when something else of them changed)."""
+    status = _dvc_status(root)
     changed = set()
     for always in ("prepare", "sources"):  # the stages that re-read their inputs at every repro
         record = status.pop(always, ["always changed"])
@@ -134,14 +139,8 @@ def _stage_modules() -> dict[str, str]:
 def _changed_deps(root) -> dict[str, set[str]]:
     """Per stage, the dependencies `dvc status` reports changed: code and data paths as dvc.yaml names them,
     parameters as `params.yaml:NAME` (NAME as the stage declares it: a key or a whole section)."""
-    import contextlib
-
-    from dvc.repo import Repo
-
-    with contextlib.chdir(root), Repo(".") as repo:
-        status = repo.status()
     changed = {}
-    for stage, records in status.items():
+    for stage, records in _dvc_status(root).items():
         for record in records:
             if isinstance(record, dict):
                 for path, what in record.get("changed deps", {}).items():

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -15,12 +16,15 @@ import torch.nn as nn
 from pipeline.core.errors import SipatError
 from pipeline.models import MODELS, ModelSpec
 
+if TYPE_CHECKING:
+    import torchvision.models as tvm
+
 
 class PretrainedWeightsMissing(SipatError, FileNotFoundError):
     """ImageNet weights asked for but not in the local torch cache (nothing is downloaded)."""
 
 
-def cached_weights(weights) -> dict:
+def cached_weights(weights: tvm.WeightsEnum) -> dict:
     """Load ImageNet weights from the torch hub cache; never download (this may run offline)."""
     fname = os.path.basename(weights.url)
     path = Path(torch.hub.get_dir()) / "checkpoints" / fname
